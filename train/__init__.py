@@ -1,0 +1,1 @@
+"""Training for the built-in tasks: `python -m train --help`."""

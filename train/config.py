@@ -1,0 +1,375 @@
+"""Run configuration: one dataclass per concern, defaults in code, an optional YAML file, CLI overrides.
+
+Precedence, lowest first: code defaults -> task defaults (TASK_DEFAULTS) -> the checkpoint's config
+when resuming -> `--config FILE.yaml` -> `--section.field value` flags. Unknown keys and values of
+the wrong type raise ConfigError with a one-line message.
+"""
+
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import models
+
+TASKS = ("product", "mnist", "fashion-mnist")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
+SCHEDULERS = ("none", "step", "cosine", "plateau", "onecycle")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MONITORS = {"product": ("loss", "mse", "mae", "mre"), "image": ("loss", "accuracy")}
+
+
+class ConfigError(ValueError):
+    """A config the user got wrong; the message is one line that says what to change."""
+
+
+@dataclass
+class RunConfig:
+    task: str = "product"
+    """product | mnist | fashion-mnist."""
+    out: str = ""
+    """Run folder for checkpoints and logs; empty means runs/<task>."""
+    epochs: int = 10
+    """Maximum number of epochs (the run may stop earlier, see `stop`)."""
+    seed: int = 0
+    """Seeds data generation, splits, initialization and shuffling."""
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu) | cpu | cuda | mps."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA where supported, else fp32) | fp32 | bf16 | fp16 (CUDA, with GradScaler)."""
+    folds: int = 1
+    """k-fold cross-validation when > 1: trains `folds` models on the training data and reports mean and std."""
+    max_batches: int = 0
+    """Stop each epoch after this many batches; 0 = the whole epoch (smoke tests and dry runs)."""
+
+    def check(self):
+        _choice("run.task", self.task, TASKS)
+        _choice("run.device", self.device, DEVICES)
+        _choice("run.precision", self.precision, PRECISIONS)
+        _at_least("run.epochs", self.epochs, 1)
+        _at_least("run.folds", self.folds, 1)
+        _at_least("run.max_batches", self.max_batches, 0)
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""
+    """Folder with MNIST / Fashion-MNIST IDX files (or torchvision's layout); empty means data/<task>
+    and, for Fashion-MNIST, also Debian's /usr/share/datasets/fashion-mnist."""
+    download: bool = True
+    """Try torchvision's download when the IDX files are missing."""
+    size: int = 1000
+    """product: training points (the reference uses 1000)."""
+    val_size: int = 200
+    """Validation points: fresh product points, or images held out of the training set."""
+    test_size: int = 10000
+    """product: fresh test points, drawn with `test_seed` as the reference script does."""
+    test_seed: int = 123
+    """product: seed of the test set (123 is the reference's)."""
+    batch_size: int = 100
+    """Global batch size (split evenly across processes under torchrun)."""
+    eval_batch_size: int = 2048
+    """Batch size for validation and test passes."""
+    crop_padding: int = 0
+    """Images: random-crop augmentation with this much zero padding (0 = off; 2 is typical)."""
+    hflip: bool = False
+    """Images: random horizontal flips (sensible for Fashion-MNIST, not for digits)."""
+
+    def check(self):
+        _at_least("data.size", self.size, 2)
+        _at_least("data.val_size", self.val_size, 1)
+        _at_least("data.test_size", self.test_size, 1)
+        _at_least("data.batch_size", self.batch_size, 1)
+        _at_least("data.eval_batch_size", self.eval_batch_size, 1)
+        _at_least("data.crop_padding", self.crop_padding, 0)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    """sgd | adam | adamw | rmsprop | adagrad."""
+    lr: float = 1e-3
+    """Learning rate (the peak rate for onecycle)."""
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    """sgd and rmsprop only."""
+    nesterov: bool = False
+    """sgd only."""
+    clip_grad_norm: float = 0.0
+    """Clip the global gradient norm to this value; 0 = no clipping."""
+
+    def check(self):
+        _choice("optim.name", self.name, OPTIMIZERS)
+        _positive("optim.lr", self.lr)
+        _at_least("optim.weight_decay", self.weight_decay, 0.0)
+        _at_least("optim.momentum", self.momentum, 0.0)
+        _at_least("optim.clip_grad_norm", self.clip_grad_norm, 0.0)
+
+
+@dataclass
+class SchedConfig:
+    name: str = "none"
+    """none | step | cosine | plateau | onecycle."""
+    step_size: int = 10
+    """step: epochs between decays."""
+    gamma: float = 0.1
+    """step: decay factor."""
+    min_lr: float = 0.0
+    """cosine: final rate; plateau: floor."""
+    factor: float = 0.1
+    """plateau: decay factor."""
+    patience: int = 5
+    """plateau: epochs without improvement before decaying."""
+    pct_start: float = 0.3
+    """onecycle: fraction of steps spent warming up."""
+
+    def check(self):
+        _choice("sched.name", self.name, SCHEDULERS)
+        _at_least("sched.step_size", self.step_size, 1)
+        _positive("sched.gamma", self.gamma)
+        _positive("sched.factor", self.factor)
+        _at_least("sched.patience", self.patience, 0)
+        if not 0.0 < self.pct_start < 1.0:
+            raise ConfigError(f"sched.pct_start must be in (0, 1), got {self.pct_start}")
+
+
+@dataclass
+class StopConfig:
+    monitor: str = "loss"
+    """Validation metric for best.pt, early stopping and plateau: loss, mse, mae, mre (product), accuracy (images)."""
+    patience: int = 0
+    """Stop after this many epochs without improvement; 0 = no early stopping."""
+    min_delta: float = 0.0
+    """Smallest change of the monitored metric that counts as an improvement."""
+    target: float = 0.0
+    """Stop once the validation loss is at or below this; 0 = off."""
+
+    def check(self):
+        _at_least("stop.patience", self.patience, 0)
+        _at_least("stop.min_delta", self.min_delta, 0.0)
+        _at_least("stop.target", self.target, 0.0)
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files to <out>/tensorboard."""
+    histogram_every: int = 10
+    """Epochs between weight histograms in TensorBoard; 0 = never."""
+    plots: bool = True
+    """Write PNG plots (loss curves; predicted vs true or confusion matrix) at the end."""
+    progress: bool = True
+    """Progress bar over batches when the console is a terminal."""
+    print_every: int = 1
+    """Epochs between console summary lines (the first and last epoch always print)."""
+
+    def check(self):
+        _at_least("log.histogram_every", self.histogram_every, 0)
+        _at_least("log.print_every", self.print_every, 1)
+
+
+SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "sched": SchedConfig,
+            "stop": StopConfig, "log": LogConfig}
+
+# What changes with the task when the user says nothing: the reference scripts' settings.
+TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "product": {"run": {"epochs": 1000}, "model": {"arch": "product_mlp"},
+                "data": {"batch_size": 100}, "log": {"print_every": 50}},
+    "mnist": {"run": {"epochs": 5}, "model": {"arch": "mlp"},
+              "data": {"batch_size": 64, "val_size": 5000}},
+    "fashion-mnist": {"run": {"epochs": 5}, "model": {"arch": "mlp"},
+                      "data": {"batch_size": 64, "val_size": 5000}},
+}
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict[str, Any] = field(default_factory=lambda: {"arch": "product_mlp"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def arch(self) -> str:
+        return self.model["arch"]
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run.out or f"runs/{self.run.task}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def check(self) -> "Config":
+        for name in SECTIONS:
+            getattr(self, name).check()
+        kind = "product" if self.run.task == "product" else "image"
+        _choice("stop.monitor", self.stop.monitor, MONITORS[kind])
+        if models.is_regression(self.arch) != (kind == "product"):
+            raise ConfigError(f"model.arch {self.arch!r} does not fit task {self.run.task!r}")
+        return self
+
+
+def build_config(task: str | None, layers: list[dict[str, Any]]) -> Config:
+    """Apply `layers` (dicts of {section: {field: value}}) over the defaults for the task.
+
+    The task comes from `task`, else from the last layer that names one, else 'product'.
+    """
+    if task is None:
+        task = next((l["run"]["task"] for l in reversed(layers) if "task" in (l.get("run") or {})), "product")
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    cfg = Config()
+    for layer in [TASK_DEFAULTS[task], *layers, {"run": {"task": task}}]:
+        _apply(cfg, layer)
+    return cfg.check()
+
+
+def _apply(cfg: Config, layer: dict[str, Any]) -> None:
+    if not isinstance(layer, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(layer).__name__}")
+    for section, values in layer.items():
+        if section not in SECTIONS and section != "model":
+            raise ConfigError(f"unknown config section {section!r}; known: {', '.join([*SECTIONS, 'model'])}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+        if section == "model":
+            _apply_model(cfg, values)
+            continue
+        obj = getattr(cfg, section)
+        hints = typing.get_type_hints(type(obj))
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"unknown config key {section}.{key}; known: {', '.join(hints)}")
+            setattr(obj, key, coerce(value, hints[key], f"{section}.{key}"))
+
+
+def _apply_model(cfg: Config, values: dict[str, Any]) -> None:
+    merged = dict(cfg.model)
+    if "arch" in values and values["arch"] != merged.get("arch"):
+        merged = {"arch": values["arch"]}  # a new architecture starts from its own defaults
+    arch = coerce(merged.get("arch"), str, "model.arch")
+    if arch not in models.ARCHITECTURES:
+        raise ConfigError(f"unknown model.arch {arch!r}; choose one of {', '.join(models.ARCHITECTURES)}")
+    hints = typing.get_type_hints(models.ARCHITECTURES[arch][0])
+    for key, value in values.items():
+        if key == "arch":
+            continue
+        if key not in hints:
+            raise ConfigError(f"unknown config key model.{key} for arch {arch}; known: arch, {', '.join(hints)}")
+        merged[key] = coerce(value, hints[key], f"model.{key}")
+    try:  # the dataclass's own __post_init__ checks ranges
+        model_cfg = models.model_config(arch, {k: v for k, v in merged.items() if k != "arch"})
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    cfg.model = {"arch": arch, **asdict(model_cfg)}
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """`value` (from YAML, or a CLI string) as type `tp`, or ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]").replace(" ", "").split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [coerce(v, item, name) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # also YAML's '1e-3', which PyYAML reads as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    raise ConfigError(f"{name} has an unsupported type {tp}")
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
+    """`--section.field value` or `--section.field=value` pairs -> {section: {field: 'value'}}."""
+    layer: dict[str, dict[str, str]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise ConfigError(f"unexpected argument {arg!r}; config overrides look like --section.field value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key} needs a value")
+            value = args[i + 1]
+            i += 1
+        section, _, name = key.partition(".")
+        if not section or not name or "." in name:
+            raise ConfigError(f"bad override --{key}; use --section.field value")
+        layer.setdefault(section, {})[name] = value
+        i += 1
+    return layer
+
+
+def _choice(name: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{name} must be >= {low}, got {value}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def field_docs() -> dict[str, list[str]]:
+    """Section -> field names, for --help."""
+    return {s: [f.name for f in fields(c)] for s, c in SECTIONS.items()}

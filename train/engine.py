@@ -1,0 +1,112 @@
+"""The training step, the epoch loop and evaluation: plain functions with explicit arguments."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from models import Predictor
+from train.data import Augment
+from train.optim import steps_per_batch
+from train.runtime import Runtime, all_reduce_sum
+
+
+class NonFiniteLossError(Exception):
+    """The training loss became NaN or inf."""
+
+
+def loss_fn(regression: bool):
+    return F.mse_loss if regression else F.cross_entropy
+
+
+def train_step(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_f, opt: torch.optim.Optimizer,
+               rt: Runtime, scaler: torch.amp.GradScaler | None, clip: float) -> torch.Tensor:
+    """One optimizer step on one batch; returns the batch loss (a detached tensor, no device sync)."""
+    opt.zero_grad(set_to_none=True)
+    with rt.autocast():
+        loss = loss_f(net(xb), yb)
+    if scaler is not None:  # fp16: scale the loss so small gradients survive half precision
+        scaler.scale(loss).backward()
+        if clip > 0:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(net.parameters(), clip)
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        if clip > 0:
+            nn.utils.clip_grad_norm_(net.parameters(), clip)
+        opt.step()
+    return loss.detach()
+
+
+def train_epoch(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: list[torch.Tensor], loss_f,
+                opt: torch.optim.Optimizer, scheduler, rt: Runtime, scaler, clip: float,
+                augment: Augment | None, progress: str | None) -> float:
+    """One pass over `batches` (index tensors into the standardized x, y); returns the mean loss over all ranks."""
+    net.train()
+    total = torch.zeros((), device=x.device, dtype=torch.float64)
+    count = 0
+    for idx in tqdm(batches, desc=progress, leave=False, disable=None if progress else True):
+        xb, yb = x[idx], y[idx]
+        if augment is not None and augment.active:
+            xb = augment(xb)
+        # Summed on the device: a .item() per step would stall the GPU on every batch.
+        total += train_step(net, xb, yb, loss_f, opt, rt, scaler, clip) * len(idx)
+        count += len(idx)
+        if scheduler is not None and steps_per_batch(scheduler):
+            scheduler.step()
+    sums = all_reduce_sum(torch.stack([total, torch.tensor(float(count), device=x.device, dtype=torch.float64)]))
+    loss = (sums[0] / sums[1]).item()
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"training loss became {loss}")
+    return loss
+
+
+@torch.no_grad()
+def evaluate(model: Predictor, x: torch.Tensor, y: torch.Tensor, regression: bool, batch_size: int,
+             rt: Runtime, num_classes: int = 10, shard: bool = True) -> dict:
+    """Metrics of the raw-units `model` on (x, y), in raw units, reduced over all processes.
+
+    Each process evaluates its own shard (every world_size-th sample) and the sums are added up,
+    so the result is exactly the single-process one. product: loss (MSE of the standardized target,
+    as in training), mse, mae, mre (%); images: loss, accuracy (%), per_class accuracy, confusion.
+    """
+    model.eval()
+    if shard and rt.distributed:
+        x, y = x[rt.rank::rt.world_size], y[rt.rank::rt.world_size]
+    dev = x.device
+    if regression:
+        sums = torch.zeros(5, device=dev, dtype=torch.float64)  # sq_norm, sq, abs, rel, count
+        std = model.target_norm.std.double()
+        for i in range(0, len(x), batch_size):
+            pred, true = model(x[i:i + batch_size]).double(), y[i:i + batch_size].double()
+            err = pred - true
+            sums += torch.stack([((err / std) ** 2).sum(), (err ** 2).sum(), err.abs().sum(),
+                                 (err.abs() / true.abs()).sum(), torch.tensor(float(len(err)), device=dev)])
+        s = all_reduce_sum(sums).tolist()
+        n = s[4]
+        return {"loss": s[0] / n, "mse": s[1] / n, "mae": s[2] / n, "mre": 100 * s[3] / n}
+    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    confusion = torch.zeros(num_classes, num_classes, device=dev, dtype=torch.int64)  # [true, predicted]
+    for i in range(0, len(x), batch_size):
+        with rt.autocast():
+            logits = model(x[i:i + batch_size])
+        true = y[i:i + batch_size]
+        loss_sum += F.cross_entropy(logits.float(), true, reduction="sum").double()
+        confusion += torch.bincount(true * num_classes + logits.argmax(1), minlength=num_classes ** 2).view(
+            num_classes, num_classes)
+    loss_sum, confusion = all_reduce_sum(loss_sum), all_reduce_sum(confusion)
+    n = confusion.sum().item()
+    per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1).double() * 100).tolist()
+    return {"loss": loss_sum.item() / n, "accuracy": 100 * confusion.diag().sum().item() / n,
+            "per_class": per_class, "confusion": confusion.tolist()}
+
+
+@torch.no_grad()
+def predict(model: Predictor, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Raw-unit predictions for all of x (on the main process; for plots)."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])

@@ -1,0 +1,169 @@
+"""Fit one model: the epoch loop with validation, scheduling, early stopping and checkpoints."""
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from models import Predictor, build_predictor, input_shape
+from models.checkpoint import save_checkpoint
+from train.config import Config
+from train.data import Augment, TaskData, batch_order
+from train.engine import evaluate, loss_fn, train_epoch
+from train.optim import build_optimizer, build_scheduler, step_epoch
+from train.report import RunLog
+from train.runtime import Runtime
+
+
+@dataclass
+class FitResult:
+    predictor: Predictor  # holds the best epoch's weights
+    best_epoch: int
+    best_metrics: dict
+    epochs_run: int
+    stopped: str  # max_epochs | early_stopping | target
+    history: list = field(default_factory=list)
+
+
+@dataclass
+class Stopper:
+    """Tracks the monitored validation metric for best.pt and early stopping."""
+
+    mode: str  # min | max
+    min_delta: float
+    best: float = math.nan
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record this epoch's value; True when it improves on the best by more than min_delta."""
+        if math.isnan(self.best):
+            improved = True
+        elif self.mode == "min":
+            improved = value < self.best - self.min_delta
+        else:
+            improved = value > self.best + self.min_delta
+        if improved:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+
+def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, resume: dict | None = None) -> FitResult:
+    regression = cfg.run.task == "product"
+    torch.manual_seed(cfg.run.seed)  # the same initial weights in every process and every repeat
+    predictor = build_predictor(cfg.arch, {k: v for k, v in cfg.model.items() if k != "arch"})
+    if resume is not None:
+        predictor.load_state_dict(resume["state_dict"])
+    else:  # z-score statistics from the training split only
+        predictor.input_norm.fit(data.train_x, dims=(0,) if regression else (0, 1, 2, 3))
+        if regression:
+            predictor.target_norm.fit(data.train_y)
+    predictor.to(rt.device)
+
+    # Standardize the training split once; validation and test go through the raw-units predictor.
+    with torch.no_grad():
+        x_train = predictor.input_norm(data.train_x)
+        y_train = predictor.target_norm(data.train_y) if regression else data.train_y
+    net = predictor.net
+    model = DistributedDataParallel(net, device_ids=[rt.device] if rt.device.type == "cuda" else None) \
+        if rt.distributed else net
+
+    global_batch = cfg.data.batch_size
+    if global_batch % rt.world_size:
+        raise ValueError(f"data.batch_size {global_batch} is not divisible by the {rt.world_size} processes")
+    steps = math.ceil(math.ceil(len(x_train) / rt.world_size) / (global_batch // rt.world_size))
+    if cfg.run.max_batches:
+        steps = min(steps, cfg.run.max_batches)
+    opt = build_optimizer(net.parameters(), cfg.optim)
+    mode = "max" if cfg.stop.monitor == "accuracy" else "min"
+    sched = build_scheduler(opt, cfg.sched, cfg.run.epochs, steps, mode)
+    scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
+    augment = None
+    if not regression and (cfg.data.crop_padding or cfg.data.hflip):
+        black = float(predictor.input_norm(torch.zeros(1, device=rt.device)).item())  # a 0 pixel, standardized
+        augment = Augment(cfg.data.crop_padding, cfg.data.hflip, black)
+    stopper = Stopper(mode, cfg.stop.min_delta)
+    start = 0
+    if resume is not None:
+        state = resume["resume"]
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None and state.get("scheduler"):
+            sched.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        stopper = Stopper(mode, cfg.stop.min_delta, **state["stopper"])
+        torch.set_rng_state(state["rng_cpu"])
+        if rt.device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], rt.device)
+        start = resume["epoch"]
+
+    loss_f = loss_fn(regression)
+    best_state = copy.deepcopy(predictor.state_dict())
+    best_metrics: dict = dict(resume.get("metrics", {})) if resume else {}
+    stopped, epoch = "max_epochs", start
+    num_classes = len(data.classes) if data.classes else 0
+    for epoch in range(start + 1, cfg.run.epochs + 1):
+        t0 = time.perf_counter()
+        batches = batch_order(len(x_train), global_batch, epoch, cfg.run.seed, rt.rank, rt.world_size, rt.device)
+        train_loss = train_epoch(model, x_train, y_train, batches[:steps], loss_f, opt, sched, rt, scaler,
+                                 cfg.optim.clip_grad_norm, augment,
+                                 f"epoch {epoch}" if cfg.log.progress and rt.is_main and steps >= 100 else None)
+        val = evaluate(predictor, data.val_x, data.val_y, regression, cfg.data.eval_batch_size, rt, num_classes)
+        step_epoch(sched, val[cfg.stop.monitor])
+        improved = stopper.update(val[cfg.stop.monitor], epoch)
+        if improved:
+            best_state, best_metrics = copy.deepcopy(predictor.state_dict()), val
+        if rt.is_main:
+            payload = _payload(cfg, predictor, epoch, val, data.classes, opt, sched, scaler, stopper, rt)
+            save_checkpoint(payload, out_dir / "last.pt")
+            if improved:
+                save_checkpoint(payload, out_dir / "best.pt")
+        log.epoch(epoch, train_loss, val, opt.param_groups[0]["lr"], time.perf_counter() - t0, net, improved)
+        # Every process computed the same reduced metrics, so they all stop at the same epoch.
+        if cfg.stop.patience and stopper.bad_epochs >= cfg.stop.patience:
+            stopped = "early_stopping"
+            break
+        if cfg.stop.target and val["loss"] <= cfg.stop.target:
+            stopped = "target"
+            break
+    predictor.load_state_dict(best_state)
+    return FitResult(predictor.eval(), stopper.best_epoch, best_metrics, epoch, stopped)
+
+
+def _payload(cfg: Config, predictor: Predictor, epoch: int, metrics: dict, classes, opt, sched, scaler,
+             stopper: Stopper, rt: Runtime) -> dict:
+    """A self-describing checkpoint: the model alone rebuilds from it; the rest resumes training."""
+    norm = {"input": predictor.input_norm.to_dict()}
+    if predictor.target_norm is not None:
+        norm["target"] = predictor.target_norm.to_dict()
+    return {
+        "task": cfg.run.task,
+        "arch": cfg.arch,
+        "model_config": {k: v for k, v in cfg.model.items() if k != "arch"},
+        "state_dict": {k: v.detach().cpu() for k, v in predictor.state_dict().items()},
+        "normalization": norm,
+        "input_shape": list(input_shape(cfg.arch)),
+        "classes": classes,
+        "metrics": metrics,
+        "epoch": epoch,
+        "config": cfg.to_dict(),
+        "torch_version": torch.__version__,
+        "resume": {
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "stopper": stopper.state(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
+        },
+    }
+

@@ -1,0 +1,193 @@
+"""`python -m train`: parse the command line, train, test, and write the run folder.
+
+    python -m train --task product --out runs/product
+    python -m train --task fashion-mnist --config configs/fashion_mnist_cnn.yaml --epochs 15
+    python -m train --resume runs/product/last.pt --epochs 2000
+    torchrun --nproc_per_node=2 -m train --task mnist
+
+Writes to the run folder: config.yaml, last.pt, best.pt, metrics.jsonl, tensorboard/, summary.json,
+loss.png and predicted_vs_true.png (product) or confusion.png (images).
+"""
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from train import plots
+from train.config import SECTIONS, TASKS, Config, ConfigError, build_config, load_yaml, parse_overrides
+from train.data import DataError, TaskData, load_task_data
+from train.engine import NonFiniteLossError, evaluate, predict
+from train.fit import FitResult, fit
+from train.report import RunLog, fmt_metrics, read_history, scalars, write_json
+from train.runtime import Runtime, setup, teardown
+
+USER_ERRORS = (ConfigError, CheckpointError, DataError, NonFiniteLossError, OSError)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise ConfigError(message)
+
+
+def parse_args(argv: list[str]) -> tuple[Config, dict | None]:
+    """The resolved config, and the checkpoint to resume from (or None)."""
+    p = _Parser(prog="python -m train", description="Train a built-in task and write a run folder.",
+                epilog="Any config field can be set as --section.field value; sections: "
+                       + ", ".join(["model", *SECTIONS]) + ". See configs/ and README.md.")
+    p.add_argument("--task", help=f"one of {', '.join(TASKS)} (default: product)")
+    p.add_argument("--out", help="run folder (default: runs/<task>)")
+    p.add_argument("--epochs", help="maximum epochs (default: 1000 for product, 5 for images)")
+    p.add_argument("--seed", help="random seed (default: 0)")
+    p.add_argument("--device", help="auto | cpu | cuda | mps (default: auto)")
+    p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (default: auto = bf16 on CUDA for images)")
+    p.add_argument("--folds", help="k-fold cross-validation with K folds (default: 1 = off)")
+    p.add_argument("--data-dir", help="folder with the MNIST/Fashion-MNIST IDX files (default: data/<task>)")
+    p.add_argument("--config", help="YAML file of config sections (default: none)")
+    p.add_argument("--resume", help="checkpoint (last.pt) to continue training from (default: none)")
+    args, rest = p.parse_known_args(argv)
+    flags = {"run": {k: v for k, v in {"out": args.out, "epochs": args.epochs, "seed": args.seed,
+                                       "device": args.device, "precision": args.precision,
+                                       "folds": args.folds}.items() if v is not None}}
+    if args.data_dir is not None:
+        flags["data"] = {"dir": args.data_dir}
+    layers = []
+    resume = None
+    if args.resume:
+        resume = load_checkpoint(args.resume)
+        if not isinstance(resume.get("resume"), dict) or not isinstance(resume.get("config"), dict):
+            raise CheckpointError(f"{args.resume} has no training state to resume from")
+        if args.task and args.task != resume["task"]:
+            raise ConfigError(f"--task {args.task} does not match the checkpoint's task {resume['task']}")
+        layers.append(resume["config"])
+    if args.config:
+        layers.append(load_yaml(args.config))
+    overrides = parse_overrides(rest)
+    layers += [overrides, flags]
+    cfg = build_config(args.task, layers)
+    cfg.run.out = str(cfg.out_dir)  # saved configs name their folder explicitly
+    if resume is not None and resume["epoch"] >= cfg.run.epochs:
+        raise ConfigError(f"the checkpoint has already run {resume['epoch']} epochs; pass --epochs above that")
+    return cfg, resume
+
+
+def run(cfg: Config, resume: dict | None = None) -> dict:
+    """Train (one model, or K folds), test the best, write the run folder; returns the summary."""
+    rt = setup(cfg.run.device, cfg.run.precision)
+    out = cfg.out_dir
+    try:
+        if rt.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            print("config:\n  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  "))
+            print(f"device: {rt.device} precision: {rt.precision} processes: {rt.world_size}", flush=True)
+        data = load_task_data(cfg, rt.device)
+        if cfg.run.folds > 1:
+            t0 = time.perf_counter()  # data ready: the clock the reference script also starts here
+            result, folds = _kfold(cfg, data, rt, out)
+        else:
+            log = _log(cfg, rt, out)  # opened first: starting TensorBoard's writer is not training
+            t0 = time.perf_counter()
+            try:
+                result, folds = fit(cfg, data, rt, out, log, resume), None
+            finally:
+                log.close()
+        train_seconds = time.perf_counter() - t0
+        return _finish(cfg, data, rt, out, result, train_seconds, folds)
+    finally:
+        teardown()
+
+
+def _log(cfg: Config, rt: Runtime, out: Path) -> RunLog:
+    return RunLog(out, rt.is_main, cfg.log.tensorboard, cfg.log.histogram_every, cfg.log.print_every, cfg.run.epochs)
+
+
+def _kfold(cfg: Config, data: TaskData, rt: Runtime, out: Path) -> tuple[FitResult, dict]:
+    """K models on K splits of the training + validation data; keeps the best fold's checkpoint."""
+    k = cfg.run.folds
+    x, y = torch.cat([data.train_x, data.val_x]), torch.cat([data.train_y, data.val_y])
+    if k > len(x):
+        raise ConfigError(f"run.folds={k} is more than the {len(x)} training samples")
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.run.seed)).to(x.device)
+    parts = perm.tensor_split(k)
+    results, values = [], []
+    for i in range(k):
+        train_idx = torch.cat([p for j, p in enumerate(parts) if j != i])
+        fold_data = TaskData(x[train_idx], y[train_idx], x[parts[i]], y[parts[i]], data.test_x, data.test_y,
+                             data.classes)
+        fold_dir = out / f"fold{i + 1}"
+        if rt.is_main:
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            print(f"fold {i + 1}/{k}: {len(train_idx)} training, {len(parts[i])} validation samples", flush=True)
+        log = _log(cfg, rt, fold_dir)
+        try:
+            results.append(fit(cfg, fold_data, rt, fold_dir, log))
+        finally:
+            log.close()
+        values.append(results[-1].best_metrics[cfg.stop.monitor])
+    pick = max if cfg.stop.monitor == "accuracy" else min
+    best = values.index(pick(values))
+    if rt.is_main:  # the best fold's checkpoints become the run's
+        for name in ("best.pt", "last.pt"):
+            save_checkpoint(load_checkpoint(out / f"fold{best + 1}" / name), out / name)
+    folds = {"k": k, "monitor": cfg.stop.monitor, "values": values, "mean": statistics.fmean(values),
+             "std": statistics.stdev(values) if k > 1 else 0.0, "best_fold": best + 1}
+    if rt.is_main:
+        print(f"{k}-fold val_{cfg.stop.monitor}: mean {folds['mean']:.4g} std {folds['std']:.4g} "
+              f"(best fold {best + 1})", flush=True)
+    return results[best], folds
+
+
+def _finish(cfg: Config, data: TaskData, rt: Runtime, out: Path, result: FitResult, train_seconds: float,
+            folds: dict | None) -> dict:
+    regression = cfg.run.task == "product"
+    model = result.predictor
+    n_cls = len(data.classes) if data.classes else 0
+    test = evaluate(model, data.test_x, data.test_y, regression, cfg.data.eval_batch_size, rt, n_cls)
+    summary = {
+        "task": cfg.run.task, "arch": cfg.arch, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+        "stopped": result.stopped, "train_seconds": round(train_seconds, 3), "device": str(rt.device),
+        "precision": rt.precision, "processes": rt.world_size,
+        "val": scalars(result.best_metrics),
+        "test": {k: v for k, v in test.items() if k != "confusion"},
+    }
+    if folds:
+        summary["folds"] = folds
+    if not rt.is_main:
+        return summary
+    write_json(out / "summary.json", summary)
+    if cfg.log.plots:
+        history = read_history(out) if folds is None else read_history(out / f"fold{folds['best_fold']}")
+        if history:
+            plots.loss_curves(history, out / "loss.png")
+        if regression:
+            pred = predict(model, data.test_x, cfg.data.eval_batch_size)
+            plots.predicted_vs_true(data.test_y[:, 0].tolist(), pred[:, 0].tolist(), out / "predicted_vs_true.png")
+        else:
+            plots.confusion_matrix(test["confusion"], data.classes, out / "confusion.png")
+    print(f"done: {result.epochs_run} epochs ({result.stopped}), best epoch {result.best_epoch}, "
+          f"train {train_seconds:.2f}s; test {fmt_metrics(summary['test'])}", flush=True)
+    print(f"wrote {out}/best.pt, last.pt, summary.json", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, resume = parse_args(sys.argv[1:] if argv is None else argv)
+        run(cfg, resume)
+    except NonFiniteLossError as e:
+        print(f"error: {e}; stopped, best.pt and last.pt keep the last finite epoch", file=sys.stderr)
+        return 1
+    except USER_ERRORS as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; last.pt holds the last finished epoch", file=sys.stderr)
+        return 130
+    return 0

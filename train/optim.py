@@ -1,0 +1,53 @@
+"""Optimizers and learning-rate schedulers from the config."""
+
+import torch
+
+from train.config import OptimConfig, SchedConfig
+
+
+def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adagrad":
+        return torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.name}")
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, steps_per_epoch: int, mode: str):
+    """The scheduler, or None. OneCycleLR steps every batch (see `steps_per_batch`); the others every epoch."""
+    if cfg.name == "none":
+        return None
+    if cfg.name == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=cfg.min_lr)
+    if cfg.name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=cfg.factor, patience=cfg.patience,
+                                                          min_lr=cfg.min_lr)
+    if cfg.name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                   epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                                   pct_start=cfg.pct_start)
+    raise ValueError(f"unknown scheduler {cfg.name}")
+
+
+def steps_per_batch(scheduler) -> bool:
+    return isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
+
+
+def step_epoch(scheduler, monitored: float) -> None:
+    """Advance an epoch-wise scheduler at the end of an epoch."""
+    if scheduler is None or steps_per_batch(scheduler):
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(monitored)
+    else:
+        scheduler.step()

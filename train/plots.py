@@ -1,0 +1,53 @@
+"""PNG plots a person would rather look at than read: loss curves, predicted vs true, confusion matrix."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def loss_curves(history: list[dict], path: Path) -> None:
+    epochs = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(epochs, [r["train_loss"] for r in history], label="train")
+    ax.plot(epochs, [r.get("val_loss") for r in history], label="validation")
+    ax.set(xlabel="epoch", ylabel="loss", title="Loss per epoch", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def predicted_vs_true(true, pred, path: Path, max_points: int = 5000) -> None:
+    true, pred = list(true)[:max_points], list(pred)[:max_points]
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.scatter(true, pred, s=3, alpha=0.4)
+    lo, hi = min(true), max(true)
+    ax.plot([lo, hi], [lo, hi], color="black", linewidth=1, label="y = x")
+    ax.set(xlabel="true X1*X2", ylabel="predicted", title=f"Test set: predicted vs true ({len(true)} points)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def confusion_matrix(confusion: list[list[int]], classes: list[str], path: Path) -> None:
+    n = len(confusion)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    im = ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(n), classes[:n], rotation=45, ha="right")
+    ax.set_yticks(range(n), classes[:n])
+    ax.set(xlabel="predicted", ylabel="true", title="Test set confusion matrix")
+    top = max(max(row) for row in confusion) or 1
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, confusion[i][j], ha="center", va="center", fontsize=7,
+                    color="white" if confusion[i][j] > top / 2 else "black")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
