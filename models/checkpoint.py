@@ -8,9 +8,12 @@ Keys (all plain Python types or tensors, so `torch.load(..., weights_only=True)`
   input_shape, classes     what one input sample is and what the outputs mean
   metrics, epoch           validation metrics of this epoch (1-based count of epochs done)
   config                   the resolved run config
-  resume                   optimizer, scheduler, RNG and early-stopping state (train only)
+  resume                   optimizer, scheduler, grad-scaler and early-stopping state (train only);
+                           the RNG state needs no entry: training reseeds torch every epoch from
+                           (config.run.seed, epoch, rank)
 """
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -29,16 +32,24 @@ class CheckpointError(Exception):
     """A file that is missing, unreadable, or not one of our checkpoints; the message is one line."""
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write `payload` to `path` atomically: a temp file in the same folder, fsync, then rename.
+def serialize(payload: dict[str, Any]) -> bytes:
+    """The checkpoint file's bytes: serialize once, write to last.pt and best.pt alike."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **payload}, buf)
+    return buf.getvalue()
 
-    A crash mid-write leaves the previous file intact, never a truncated one.
+
+def save_checkpoint(payload: dict[str, Any] | bytes, path: str | os.PathLike) -> None:
+    """Write a checkpoint (a payload dict, or bytes from `serialize`) to `path` atomically:
+    a temp file in the same folder, fsync, then rename. A crash mid-write leaves the previous
+    file intact, never a truncated one.
     """
+    data = payload if isinstance(payload, bytes) else serialize(payload)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **payload}, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

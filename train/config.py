@@ -40,7 +40,8 @@ class RunConfig:
     device: str = "auto"
     """auto (cuda, then mps, then cpu) | cpu | cuda | mps."""
     precision: str = "auto"
-    """auto (bf16 autocast on CUDA where supported, else fp32) | fp32 | bf16 | fp16 (CUDA, with GradScaler)."""
+    """auto (bf16 autocast on CUDA where supported for images; fp32 for product and off CUDA) | fp32 |
+    bf16 | fp16 (CUDA, with GradScaler)."""
     folds: int = 1
     """k-fold cross-validation when > 1: trains `folds` models on the training data and reports mean and std."""
     max_batches: int = 0
@@ -290,6 +291,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # YAML `hflip: 1`, as on the command line
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.lower() in ("true", "yes", "1", "on")
         raise ConfigError(f"{name} must be true or false, got {value!r}")

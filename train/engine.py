@@ -70,9 +70,11 @@ def evaluate(model: Predictor, x: torch.Tensor, y: torch.Tensor, regression: boo
              rt: Runtime, num_classes: int = 10, shard: bool = True) -> dict:
     """Metrics of the raw-units `model` on (x, y), in raw units, reduced over all processes.
 
-    Each process evaluates its own shard (every world_size-th sample) and the sums are added up,
-    so the result is exactly the single-process one. product: loss (MSE of the standardized target,
-    as in training), mse, mae, mre (%); images: loss, accuracy (%), per_class accuracy, confusion.
+    Each process evaluates its own shard (every world_size-th sample) and the float64 sums are added
+    up, so the result is the single-process one up to rounding (a float32 forward pass may round a
+    sample's output differently in a batch of another size: 1 ulp, measured). product: loss (MSE of
+    the standardized target, as in training), mse, mae, mre (%); images: loss, accuracy (%),
+    per_class accuracy, confusion.
     """
     model.eval()
     if shard and rt.distributed:

@@ -1,6 +1,7 @@
 """Fit one model: the epoch loop with validation, scheduling, early stopping and checkpoints."""
 
 import copy
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -10,13 +11,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from models import Predictor, build_predictor, input_shape
-from models.checkpoint import save_checkpoint
-from train.config import Config
+from models.checkpoint import load_checkpoint, save_checkpoint, serialize
+from train.config import Config, ConfigError
 from train.data import Augment, TaskData, batch_order
-from train.engine import evaluate, loss_fn, train_epoch
+from train.engine import NonFiniteLossError, evaluate, loss_fn, train_epoch
 from train.optim import build_optimizer, build_scheduler, step_epoch
-from train.report import RunLog
-from train.runtime import Runtime
+from train.report import RunLog, warn
+from train.runtime import Runtime, broadcast_flag
 
 
 @dataclass
@@ -68,6 +69,9 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
         if regression:
             predictor.target_norm.fit(data.train_y)
     predictor.to(rt.device)
+    if not regression and rt.device.type == "cpu":
+        # NHWC conv weights: oneDNN's fast CPU path, about 35% less time per CNN step (measured); no-op for MLPs.
+        predictor.net.to(memory_format=torch.channels_last)
 
     # Standardize the training split once; validation and test go through the raw-units predictor.
     with torch.no_grad():
@@ -79,11 +83,11 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
 
     global_batch = cfg.data.batch_size
     if global_batch % rt.world_size:
-        raise ValueError(f"data.batch_size {global_batch} is not divisible by the {rt.world_size} processes")
+        raise ConfigError(f"data.batch_size {global_batch} is not divisible by the {rt.world_size} processes")
     steps = math.ceil(math.ceil(len(x_train) / rt.world_size) / (global_batch // rt.world_size))
     if cfg.run.max_batches:
         steps = min(steps, cfg.run.max_batches)
-    opt = build_optimizer(net.parameters(), cfg.optim)
+    opt = build_optimizer(net.parameters(), cfg.optim, rt.device)
     mode = "max" if cfg.stop.monitor == "accuracy" else "min"
     sched = build_scheduler(opt, cfg.sched, cfg.run.epochs, steps, mode)
     scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
@@ -101,39 +105,48 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         stopper = Stopper(mode, cfg.stop.min_delta, **state["stopper"])
-        torch.set_rng_state(state["rng_cpu"])
-        if rt.device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], rt.device)
         start = resume["epoch"]
 
     loss_f = loss_fn(regression)
     best_state = copy.deepcopy(predictor.state_dict())
     best_metrics: dict = dict(resume.get("metrics", {})) if resume else {}
+    if resume is not None and stopper.best_epoch != start:
+        # The best epoch came before the resumed one: its weights and metrics are in best.pt, not last.pt.
+        best_ckpt = load_checkpoint(out_dir / "best.pt") if (out_dir / "best.pt").is_file() else None
+        if best_ckpt is not None and best_ckpt["epoch"] == stopper.best_epoch:
+            best_state, best_metrics = best_ckpt["state_dict"], dict(best_ckpt.get("metrics", {}))
+        elif rt.is_main:
+            warn(f"no best.pt of epoch {stopper.best_epoch} in {out_dir}; "
+                 "the test uses the resumed weights unless a later epoch improves")
     stopped, epoch = "max_epochs", start
     num_classes = len(data.classes) if data.classes else 0
     for epoch in range(start + 1, cfg.run.epochs + 1):
         t0 = time.perf_counter()
+        torch.manual_seed(epoch_seed(cfg.run.seed, epoch, rt.rank))  # dropout and augmentation draws
+        lr = opt.param_groups[0]["lr"]  # the rate this epoch starts with (before its scheduler step)
         batches = batch_order(len(x_train), global_batch, epoch, cfg.run.seed, rt.rank, rt.world_size, rt.device)
         train_loss = train_epoch(model, x_train, y_train, batches[:steps], loss_f, opt, sched, rt, scaler,
                                  cfg.optim.clip_grad_norm, augment,
                                  f"epoch {epoch}" if cfg.log.progress and rt.is_main and steps >= 100 else None)
         val = evaluate(predictor, data.val_x, data.val_y, regression, cfg.data.eval_batch_size, rt, num_classes)
+        if not math.isfinite(val["loss"]):  # the epoch's last steps broke the weights: save nothing
+            raise NonFiniteLossError(f"validation loss became {val['loss']}")
         step_epoch(sched, val[cfg.stop.monitor])
         improved = stopper.update(val[cfg.stop.monitor], epoch)
         if improved:
             best_state, best_metrics = copy.deepcopy(predictor.state_dict()), val
         if rt.is_main:
-            payload = _payload(cfg, predictor, epoch, val, data.classes, opt, sched, scaler, stopper, rt)
-            save_checkpoint(payload, out_dir / "last.pt")
+            ckpt = serialize(_payload(cfg, predictor, epoch, val, data.classes, opt, sched, scaler, stopper, rt))
+            save_checkpoint(ckpt, out_dir / "last.pt")
             if improved:
-                save_checkpoint(payload, out_dir / "best.pt")
-        log.epoch(epoch, train_loss, val, opt.param_groups[0]["lr"], time.perf_counter() - t0, net, improved)
-        # Every process computed the same reduced metrics, so they all stop at the same epoch.
-        if cfg.stop.patience and stopper.bad_epochs >= cfg.stop.patience:
-            stopped = "early_stopping"
-            break
-        if cfg.stop.target and val["loss"] <= cfg.stop.target:
-            stopped = "target"
+                save_checkpoint(ckpt, out_dir / "best.pt")
+        log.epoch(epoch, train_loss, val, lr, time.perf_counter() - t0, net, improved)
+        stop = ("early_stopping" if cfg.stop.patience and stopper.bad_epochs >= cfg.stop.patience
+                else "target" if cfg.stop.target and val["loss"] <= cfg.stop.target else "")
+        # Every process has the same reduced metrics; rank 0's word still decides, so that no process
+        # can leave the loop while another waits for it in a collective.
+        if broadcast_flag(bool(stop), rt.device):
+            stopped = stop or "early_stopping"
             break
     predictor.load_state_dict(best_state)
     return FitResult(predictor.eval(), stopper.best_epoch, best_metrics, epoch, stopped)
@@ -156,14 +169,23 @@ def _payload(cfg: Config, predictor: Predictor, epoch: int, metrics: dict, class
         "metrics": metrics,
         "epoch": epoch,
         "config": cfg.to_dict(),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # TorchVersion would fail weights_only loads
         "resume": {
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "stopper": stopper.state(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
         },
     }
 
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of torch's generators for one epoch of one process.
+
+    Reseeding every epoch from (seed, epoch, rank) makes the random draws of training (dropout,
+    augmentation) a function of those three numbers: `--resume` restores them exactly from the
+    checkpoint's config and epoch, whatever the number of processes, and each process of a
+    torchrun job draws its own masks and crops.
+    """
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # below 2**63: any torch seed

@@ -10,7 +10,7 @@ loss.png and predicted_vs_true.png (product) or confusion.png (images).
 """
 
 import argparse
-import math
+import os
 import statistics
 import sys
 import time
@@ -20,7 +20,6 @@ import torch
 import yaml
 
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from train import plots
 from train.config import SECTIONS, TASKS, Config, ConfigError, build_config, load_yaml, parse_overrides
 from train.data import DataError, TaskData, load_task_data
 from train.engine import NonFiniteLossError, evaluate, predict
@@ -72,14 +71,30 @@ def parse_args(argv: list[str]) -> tuple[Config, dict | None]:
     layers += [overrides, flags]
     cfg = build_config(args.task, layers)
     cfg.run.out = str(cfg.out_dir)  # saved configs name their folder explicitly
+    if resume is not None and cfg.run.folds > 1:
+        raise ConfigError(f"--resume continues one model, not {cfg.run.folds} folds; add --folds 1 to continue "
+                          "this checkpoint alone")
+    for section in ("model", "optim", "sched") if resume is not None else ():
+        # The checkpoint's weights, optimizer and scheduler state carry these settings and would
+        # silently win over a new value (an lr override on resume used to be ignored).
+        for key, value in cfg.to_dict()[section].items():
+            if resume["config"].get(section, {}).get(key, value) != value:
+                raise ConfigError(f"{section}.{key} was {resume['config'][section][key]!r} in the checkpoint; --resume "
+                                  f"continues its model, optimizer and schedule: start a new run to change it")
     if resume is not None and resume["epoch"] >= cfg.run.epochs:
         raise ConfigError(f"the checkpoint has already run {resume['epoch']} epochs; pass --epochs above that")
+    planned = resume["config"].get("run", {}).get("epochs") if resume is not None else None
+    if resume is not None and cfg.sched.name in ("cosine", "onecycle") and planned != cfg.run.epochs:
+        # Their state fixes the schedule's length: cosine would climb back up, onecycle fail mid-epoch.
+        what = f"resume it with --epochs {planned}" if resume["epoch"] < planned else "the checkpoint finished it"
+        raise ConfigError(f"sched.name {cfg.sched.name} was planned for {planned} epochs ({what}); "
+                          f"start a new run to change its length")
     return cfg, resume
 
 
 def run(cfg: Config, resume: dict | None = None) -> dict:
     """Train (one model, or K folds), test the best, write the run folder; returns the summary."""
-    rt = setup(cfg.run.device, cfg.run.precision)
+    rt = setup(cfg.run.device, cfg.run.precision, regression=cfg.run.task == "product")
     out = cfg.out_dir
     try:
         if rt.is_main:
@@ -163,6 +178,7 @@ def _finish(cfg: Config, data: TaskData, rt: Runtime, out: Path, result: FitResu
         return summary
     write_json(out / "summary.json", summary)
     if cfg.log.plots:
+        from train import plots  # matplotlib costs ~0.4 s to import: only when plotting
         history = read_history(out) if folds is None else read_history(out / f"fold{folds['best_fold']}")
         if history:
             plots.loss_curves(history, out / "loss.png")
@@ -178,16 +194,22 @@ def _finish(cfg: Config, data: TaskData, rt: Runtime, out: Path, result: FitResu
 
 
 def main(argv: list[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun
+    where = f"rank {rank}: " if rank else ""  # under torchrun, an error may be one process's own
+    cfg = None
     try:
         cfg, resume = parse_args(sys.argv[1:] if argv is None else argv)
         run(cfg, resume)
     except NonFiniteLossError as e:
-        print(f"error: {e}; stopped, best.pt and last.pt keep the last finite epoch", file=sys.stderr)
+        if rank == 0:  # every process sees the same reduced loss and stops with it: one line is enough
+            saved = any(cfg.out_dir.glob("**/last.pt"))
+            kept = "best.pt and last.pt keep the last finite epoch" if saved else "no epoch finished, nothing saved"
+            print(f"error: {e}; stopped, {kept}", file=sys.stderr)
         return 1
     except USER_ERRORS as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"{where}error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; last.pt holds the last finished epoch", file=sys.stderr)
+        print(f"{where}error: interrupted; last.pt holds the last finished epoch", file=sys.stderr)
         return 130
     return 0

@@ -22,14 +22,20 @@ def loss_curves(history: list[dict], path: Path) -> None:
 
 
 def predicted_vs_true(true, pred, path: Path, max_points: int = 5000) -> None:
+    """Left: predictions against the truth; right: the error, which the left panel is too coarse to show."""
     true, pred = list(true)[:max_points], list(pred)[:max_points]
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    err = [p - t for p, t in zip(pred, true)]
+    fig, (ax, ax_err) = plt.subplots(1, 2, figsize=(11, 5))
     ax.scatter(true, pred, s=3, alpha=0.4)
     lo, hi = min(true), max(true)
     ax.plot([lo, hi], [lo, hi], color="black", linewidth=1, label="y = x")
     ax.set(xlabel="true X1*X2", ylabel="predicted", title=f"Test set: predicted vs true ({len(true)} points)")
-    ax.grid(alpha=0.3)
     ax.legend()
+    ax_err.scatter(true, err, s=3, alpha=0.4, color="tab:red")
+    ax_err.axhline(0, color="black", linewidth=1)
+    ax_err.set(xlabel="true X1*X2", ylabel="predicted - true", title="Error in raw units")
+    for a in (ax, ax_err):
+        a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
