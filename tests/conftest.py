@@ -1,0 +1,100 @@
+"""Shared helpers: tiny IDX image sets written on the spot, and ways to run `python -m train`.
+
+Every run here is real training on CPU with tiny data, so the suite takes seconds, not minutes.
+Tests run from any working directory: the repository root goes on sys.path (and on PYTHONPATH
+for subprocesses), and every run writes under pytest's tmp_path.
+"""
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from train.data import IDX_FILES  # noqa: E402
+from train.main import parse_args, run  # noqa: E402
+
+# One intra-op thread: these models are tiny, and on a shared 2-core machine a second thread spinning
+# for its turn made a 1 s CNN run take 13 s (measured). Every run in the suite uses the same setting.
+torch.set_num_threads(1)
+
+# Flags that keep an in-process run small: CPU (so results are bit-reproducible), no TensorBoard,
+# no PNGs. Tests of those outputs turn them back on.
+FAST = ["--device", "cpu", "--log.tensorboard", "false", "--log.plots", "false"]
+# Tiny product data: 256 training points (3 batches of 100), 64 validation, 256 test.
+PRODUCT = ["--task", "product", "--data.size", "256", "--data.val_size", "64", "--data.test_size", "256"]
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """Write `array` (uint8) as an IDX file; gzipped when the name ends in .gz."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    raw = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+    return path
+
+
+def class_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n noisy 28x28 uint8 images whose class (0..9) is where a bright 8x5 block sits; balanced labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % 10).astype(np.uint8)
+    images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        r, col = 3 + 14 * (c // 5), 1 + 5 * (c % 5)  # two rows of five cells
+        images[i, r:r + 8, col:col + 5] = rng.integers(180, 256, size=(8, 5))
+    return images, labels
+
+
+def write_image_set(folder: Path, gz: bool = True, n_train: int = 300, n_test: int = 100) -> Path:
+    """The four MNIST IDX files, with learnable images, in `folder`."""
+    suffix = ".gz" if gz else ""
+    (train_x, train_y), (test_x, test_y) = class_images(n_train, 1), class_images(n_test, 2)
+    for key, array in (("train_images", train_x), ("train_labels", train_y),
+                       ("test_images", test_x), ("test_labels", test_y)):
+        write_idx(folder / (IDX_FILES[key] + suffix), array)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory) -> Path:
+    """A folder with the gzipped IDX files (300 training, 100 test images), shared by the session."""
+    return write_image_set(tmp_path_factory.mktemp("idx"), gz=True)
+
+
+def train(argv: list[str], out: Path, *, fast: bool = True) -> dict:
+    """Parse `argv` as `python -m train` would, train in this process, and return the summary."""
+    cfg, resume = parse_args([*(FAST if fast else []), "--out", str(out), *argv])
+    return run(cfg, resume)
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k].double() - b[k].double()).abs().max().item()}"
+
+
+def cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m train ARGS` in a fresh process, run from `cwd` (not the repository)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}  # as torch.set_num_threads(1) above
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
