@@ -1,6 +1,7 @@
 """train.data: IDX files (gzipped and raw, torchvision's layout, corrupt ones), splits, batches, augmentation."""
 
 import gzip
+import os
 import struct
 
 import numpy as np
@@ -8,8 +9,9 @@ import pytest
 import torch
 from conftest import class_images, write_idx, write_image_set
 
-from train.data import (IDX_FILES, Augment, DataError, batch_order, find_idx_files, image_data, product_data,
-                        read_idx)
+from train.data import (DEBIAN_FASHION_MNIST, IDX_FILES, Augment, DataError, batch_order, find_idx_files, image_data,
+                        product_data, read_idx)
+from train.main import parse_args, run
 
 
 def one_line_data_error(fn, *args) -> str:
@@ -177,3 +179,25 @@ def test_augment_hflip_flips_about_half():
     assert all(f != k for f, k in zip(flipped, kept))
     assert 60 < sum(flipped) < 140
     assert not Augment(0, False, 0.0).active and Augment(1, False, 0.0).active
+
+
+# CI installs Debian's dataset-fashion-mnist (see .ci/run); elsewhere the test runs where it is installed.
+debian_fashion = pytest.mark.skipif(
+    not DEBIAN_FASHION_MNIST.is_dir() and os.environ.get("CI") != "true",
+    reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+
+
+@debian_fashion
+@pytest.mark.slow
+def test_debian_fashion_mnist_is_found_without_configuration(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/fashion-mnist here: only the Debian folder can answer
+    files = find_idx_files("fashion-mnist", "", download=False)
+    assert files["train_images"] == DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz"
+    data = image_data("fashion-mnist", "", False, 5000, seed=0)
+    assert data.train_x.shape == (55000, 1, 28, 28) and data.test_x.shape == (10000, 1, 28, 28)
+    assert data.classes[0] == "T-shirt/top" and set(data.test_y.tolist()) == set(range(10))
+    # A few real steps through the CLI path, with no --data-dir.
+    cfg, _ = parse_args(["--task", "fashion-mnist", "--epochs", "1", "--run.max_batches", "20", "--out",
+                         str(tmp_path / "run"), "--device", "cpu", "--log.tensorboard", "false", "--log.plots", "false"])
+    summary = run(cfg)
+    assert sum(summary["test"]["per_class"]) > 0 and summary["test"]["accuracy"] > 30  # 20 steps beat chance
