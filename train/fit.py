@@ -4,6 +4,7 @@ import copy
 import hashlib
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,36 +121,67 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
                  "the test uses the resumed weights unless a later epoch improves")
     stopped, epoch = "max_epochs", start
     num_classes = len(data.classes) if data.classes else 0
-    for epoch in range(start + 1, cfg.run.epochs + 1):
-        t0 = time.perf_counter()
-        torch.manual_seed(epoch_seed(cfg.run.seed, epoch, rt.rank))  # dropout and augmentation draws
-        lr = opt.param_groups[0]["lr"]  # the rate this epoch starts with (before its scheduler step)
-        batches = batch_order(len(x_train), global_batch, epoch, cfg.run.seed, rt.rank, rt.world_size, rt.device)
-        train_loss = train_epoch(model, x_train, y_train, batches[:steps], loss_f, opt, sched, rt, scaler,
-                                 cfg.optim.clip_grad_norm, augment,
-                                 f"epoch {epoch}" if cfg.log.progress and rt.is_main and steps >= 100 else None)
-        val = evaluate(predictor, data.val_x, data.val_y, regression, cfg.data.eval_batch_size, rt, num_classes)
-        if not math.isfinite(val["loss"]):  # the epoch's last steps broke the weights: save nothing
-            raise NonFiniteLossError(f"validation loss became {val['loss']}")
-        step_epoch(sched, val[cfg.stop.monitor])
-        improved = stopper.update(val[cfg.stop.monitor], epoch)
-        if improved:
-            best_state, best_metrics = copy.deepcopy(predictor.state_dict()), val
-        if rt.is_main:
-            ckpt = serialize(_payload(cfg, predictor, epoch, val, data.classes, opt, sched, scaler, stopper, rt))
-            save_checkpoint(ckpt, out_dir / "last.pt")
+    # Checkpoint files are written (and fsynced) on a background thread, overlapping the next epoch.
+    with CheckpointWriter() as writer:
+        for epoch in range(start + 1, cfg.run.epochs + 1):
+            t0 = time.perf_counter()
+            torch.manual_seed(epoch_seed(cfg.run.seed, epoch, rt.rank))  # dropout and augmentation draws
+            lr = opt.param_groups[0]["lr"]  # the rate this epoch starts with (before its scheduler step)
+            batches = batch_order(len(x_train), global_batch, epoch, cfg.run.seed, rt.rank, rt.world_size, rt.device)
+            train_loss = train_epoch(model, x_train, y_train, batches[:steps], loss_f, opt, sched, rt, scaler,
+                                     cfg.optim.clip_grad_norm, augment,
+                                     f"epoch {epoch}" if cfg.log.progress and rt.is_main and steps >= 100 else None)
+            val = evaluate(predictor, data.val_x, data.val_y, regression, cfg.data.eval_batch_size, rt, num_classes)
+            if not math.isfinite(val["loss"]):  # the epoch's last steps broke the weights: save nothing
+                raise NonFiniteLossError(f"validation loss became {val['loss']}")
+            step_epoch(sched, val[cfg.stop.monitor])
+            improved = stopper.update(val[cfg.stop.monitor], epoch)
             if improved:
-                save_checkpoint(ckpt, out_dir / "best.pt")
-        log.epoch(epoch, train_loss, val, lr, time.perf_counter() - t0, net, improved)
-        stop = ("early_stopping" if cfg.stop.patience and stopper.bad_epochs >= cfg.stop.patience
-                else "target" if cfg.stop.target and val["loss"] <= cfg.stop.target else "")
-        # Every process has the same reduced metrics; rank 0's word still decides, so that no process
-        # can leave the loop while another waits for it in a collective.
-        if broadcast_flag(bool(stop), rt.device):
-            stopped = stop or "early_stopping"
-            break
+                best_state, best_metrics = copy.deepcopy(predictor.state_dict()), val
+            if rt.is_main:
+                ckpt = serialize(_payload(cfg, predictor, epoch, val, data.classes, opt, sched, scaler, stopper, rt))
+                writer.write(ckpt, [out_dir / "last.pt", *([out_dir / "best.pt"] if improved else [])])
+            log.epoch(epoch, train_loss, val, lr, time.perf_counter() - t0, net, improved)
+            stop = ("early_stopping" if cfg.stop.patience and stopper.bad_epochs >= cfg.stop.patience
+                    else "target" if cfg.stop.target and val["loss"] <= cfg.stop.target else "")
+            # Every process has the same reduced metrics; rank 0's word still decides, so that no process
+            # can leave the loop while another waits for it in a collective.
+            if broadcast_flag(bool(stop), rt.device):
+                stopped = stop or "early_stopping"
+                break
     predictor.load_state_dict(best_state)
     return FitResult(predictor.eval(), stopper.best_epoch, best_metrics, epoch, stopped)
+
+
+class CheckpointWriter:
+    """Writes checkpoint bytes on one background thread, one epoch's files at a time.
+
+    fsync waits on the disk (1-4 ms per file here), and the product task runs 1000 epochs of about
+    15 ms: writing in the background keeps that wait off the training thread. Leaving the `with`
+    block waits for the last write; a write error surfaces at the next write or at the exit.
+    """
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future | None = None
+
+    def write(self, data: bytes, paths: list[Path]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(lambda: [save_checkpoint(data, p) for p in paths])
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # re-raises the write's error here
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
 
 
 def _payload(cfg: Config, predictor: Predictor, epoch: int, metrics: dict, classes, opt, sched, scaler,
