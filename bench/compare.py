@@ -1,0 +1,102 @@
+"""Our training against the reference scripts, side by side in one process tree.
+
+    python bench/compare.py product [--repeats 3]
+    python bench/compare.py fashion-mnist [--repeats 1] [--epochs 5]
+
+Each repeat runs the reference script and `python -m train` with the same settings as child
+processes, one after the other (order alternating between repeats so neither always runs on a
+warmer machine), and reads from each: the training seconds it measured itself, its whole wall
+time, its peak resident memory (from wait4), and its test error. Prints one line per run and the
+median ratios ours/reference (below 1 means we are faster / smaller).
+
+The reference scripts are read from ../shared/baselines (or --baselines DIR).
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_child(cmd: list[str], env: dict | None = None) -> tuple[str, float, float]:
+    """stdout, wall seconds and peak RSS (MiB) of one child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd)} exited {proc.returncode}:\n{out[-2000:]}")
+    return out, wall, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+
+
+def reference_product(baselines: Path) -> dict:
+    out, wall, rss = run_child([sys.executable, str(baselines / "product_reference.py")])
+    m = re.search(r"train_s=([\d.]+) test_mae=([\d.]+) test_mean_rel_err=([\d.]+)%", out)
+    return {"train_s": float(m[1]), "wall_s": wall, "rss_mib": rss, "quality": float(m[3]), "mae": float(m[2])}
+
+
+def ours_product(tmp: Path) -> dict:
+    out_dir = tmp / "product"
+    _, wall, rss = run_child([sys.executable, "-m", "train", "--task", "product", "--out", str(out_dir)])
+    s = json.loads((out_dir / "summary.json").read_text())
+    return {"train_s": s["train_seconds"], "wall_s": wall, "rss_mib": rss, "quality": s["test"]["mre"],
+            "mae": s["test"]["mae"]}
+
+
+def reference_fmnist(baselines: Path, epochs: int) -> dict:
+    out, wall, rss = run_child([sys.executable, str(baselines / "mnist_reference.py"), str(epochs)])
+    m = re.search(r"train_s=([\d.]+) s_per_epoch=([\d.]+) test_acc=([\d.]+)%", out)
+    return {"train_s": float(m[1]), "wall_s": wall, "rss_mib": rss, "quality": float(m[3])}
+
+
+def ours_fmnist(tmp: Path, epochs: int, config: str) -> dict:
+    out_dir = tmp / "fmnist"
+    _, wall, rss = run_child([sys.executable, "-m", "train", "--task", "fashion-mnist", "--config", config,
+                              "--epochs", str(epochs), "--out", str(out_dir)])
+    s = json.loads((out_dir / "summary.json").read_text())
+    return {"train_s": s["train_seconds"], "wall_s": wall, "rss_mib": rss, "quality": s["test"]["accuracy"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("task", choices=["product", "fashion-mnist"])
+    p.add_argument("--repeats", type=int, default=3, help="runs of each side (default: 3)")
+    p.add_argument("--epochs", type=int, default=5, help="fashion-mnist epochs for both sides (default: 5)")
+    p.add_argument("--config", default="configs/mnist_mlp.yaml",
+                   help="our config for fashion-mnist (default: configs/mnist_mlp.yaml, the reference's MLP)")
+    p.add_argument("--baselines", type=Path, default=ROOT.parent / "shared" / "baselines",
+                   help="folder of the reference scripts (default: ../shared/baselines)")
+    args = p.parse_args()
+    quality = "test MRE %" if args.task == "product" else "test accuracy %"
+    print(f"task {args.task}, {args.repeats} repeats, cpu count {os.cpu_count()}; quality = {quality}")
+    rows = {"reference": [], "ours": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            order = ["reference", "ours"] if i % 2 == 0 else ["ours", "reference"]
+            for side in order:
+                if args.task == "product":
+                    r = reference_product(args.baselines) if side == "reference" else ours_product(Path(tmp))
+                else:
+                    r = reference_fmnist(args.baselines, args.epochs) if side == "reference" else \
+                        ours_fmnist(Path(tmp), args.epochs, args.config)
+                rows[side].append(r)
+                print(f"  {side:<9} train_s {r['train_s']:7.2f}  wall_s {r['wall_s']:7.2f}  "
+                      f"peak_rss_mib {r['rss_mib']:7.0f}  quality {r['quality']:.3f}", flush=True)
+    med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in rows.items()}
+    for k in ("train_s", "wall_s", "rss_mib", "quality"):
+        ref, ours = med["reference"][k], med["ours"][k]
+        print(f"median {k:<8} reference {ref:9.3f}  ours {ours:9.3f}  ours/reference {ours / ref:6.3f}")
+
+
+if __name__ == "__main__":
+    main()
