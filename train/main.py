@@ -71,25 +71,32 @@ def parse_args(argv: list[str]) -> tuple[Config, dict | None]:
     layers += [overrides, flags]
     cfg = build_config(args.task, layers)
     cfg.run.out = str(cfg.out_dir)  # saved configs name their folder explicitly
-    if resume is not None and cfg.run.folds > 1:
+    if resume is not None:
+        check_resume(cfg, resume)
+    return cfg, resume
+
+
+def check_resume(cfg: Config, resume: dict) -> None:
+    """Refuse settings that a resumed run cannot honour, rather than silently ignoring them."""
+    if cfg.run.folds > 1:
         raise ConfigError(f"--resume continues one model, not {cfg.run.folds} folds; add --folds 1 to continue "
                           "this checkpoint alone")
-    for section in ("model", "optim", "sched") if resume is not None else ():
+    saved = resume["config"]
+    for section in ("model", "optim", "sched"):
         # The checkpoint's weights, optimizer and scheduler state carry these settings and would
         # silently win over a new value (an lr override on resume used to be ignored).
         for key, value in cfg.to_dict()[section].items():
-            if resume["config"].get(section, {}).get(key, value) != value:
-                raise ConfigError(f"{section}.{key} was {resume['config'][section][key]!r} in the checkpoint; --resume "
+            if saved.get(section, {}).get(key, value) != value:
+                raise ConfigError(f"{section}.{key} was {saved[section][key]!r} in the checkpoint; --resume "
                                   f"continues its model, optimizer and schedule: start a new run to change it")
-    if resume is not None and resume["epoch"] >= cfg.run.epochs:
+    if resume["epoch"] >= cfg.run.epochs:
         raise ConfigError(f"the checkpoint has already run {resume['epoch']} epochs; pass --epochs above that")
-    planned = resume["config"].get("run", {}).get("epochs") if resume is not None else None
-    if resume is not None and cfg.sched.name in ("cosine", "onecycle") and planned != cfg.run.epochs:
+    planned = saved.get("run", {}).get("epochs")
+    if cfg.sched.name in ("cosine", "onecycle") and planned != cfg.run.epochs:
         # Their state fixes the schedule's length: cosine would climb back up, onecycle fail mid-epoch.
         what = f"resume it with --epochs {planned}" if resume["epoch"] < planned else "the checkpoint finished it"
         raise ConfigError(f"sched.name {cfg.sched.name} was planned for {planned} epochs ({what}); "
                           f"start a new run to change its length")
-    return cfg, resume
 
 
 def run(cfg: Config, resume: dict | None = None) -> dict:
