@@ -67,7 +67,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle, zip and unsafe-global errors all mean "not a checkpoint we can read"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: not a loadable PyTorch file ({reason[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a train-to-deploy checkpoint (no '{FORMAT}' format marker)")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:

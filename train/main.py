@@ -105,11 +105,12 @@ def run(cfg: Config, resume: dict | None = None) -> dict:
     out = cfg.out_dir
     try:
         if rt.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             print("config:\n  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  "))
             print(f"device: {rt.device} precision: {rt.precision} processes: {rt.world_size}", flush=True)
         data = load_task_data(cfg, rt.device)
+        if rt.is_main:  # only once the data is there: a run that cannot start leaves no folder behind
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if cfg.run.folds > 1:
             t0 = time.perf_counter()  # data ready: the clock the reference script also starts here
             result, folds = _kfold(cfg, data, rt, out)
