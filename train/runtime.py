@@ -1,5 +1,6 @@
 """Where and how the run executes: device, precision, seeding, and torchrun's process group."""
 
+import ctypes
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -50,7 +51,25 @@ def setup(device: str, precision: str, regression: bool = False) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    if dev.type == "cpu":
+        keep_freed_memory()
     return Runtime(dev, prec, rank, world_size, local_rank)
+
+
+def keep_freed_memory() -> None:
+    """Stop glibc from handing freed activation buffers back to the OS after every step.
+
+    By default each CPU training step of the CNN page-faults its ~10 MB activations in afresh
+    (about 10,000 faults and 15-30 ms of kernel time per batch of 128, measured); serving blocks up
+    to 32 MiB from the heap and keeping up to 1 GiB of it made a CNN epoch about 25-35% faster for
+    about 5% more peak memory. A no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: mmap (and unmap on free) only blocks above 32 MiB
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap instead of trimming it
+    except (OSError, AttributeError):
+        pass
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
