@@ -10,7 +10,7 @@ import torch
 from conftest import class_images, write_idx, write_image_set
 
 from train.data import (DEBIAN_FASHION_MNIST, IDX_FILES, Augment, DataError, batch_order, find_idx_files, image_data,
-                        product_data, read_idx)
+                        product_data, read_idx, sampler_shard, tensor_shard)
 from train.main import parse_args, run
 
 
@@ -201,3 +201,11 @@ def test_debian_fashion_mnist_is_found_without_configuration(tmp_path, monkeypat
                          str(tmp_path / "run"), "--device", "cpu", "--log.tensorboard", "false", "--log.plots", "false"])
     summary = run(cfg)
     assert sum(summary["test"]["per_class"]) > 0 and summary["test"]["accuracy"] > 30  # 20 steps beat chance
+
+
+@pytest.mark.parametrize("n, world_size", [(10, 1), (1000, 1), (1000, 2), (999, 2), (1001, 4), (3, 8)])
+def test_tensor_shard_is_distributed_samplers_shard(n, world_size):
+    # The product task's fast path must give exactly the order torch's DistributedSampler gives.
+    for epoch in (0, 1, 7):
+        for rank in range(world_size):
+            assert torch.equal(tensor_shard(n, epoch, 3, rank, world_size), sampler_shard(n, epoch, 3, rank, world_size))

@@ -384,7 +384,7 @@ def test_product_run_folder(tmp_path):
 
     tags = tensorboard_tags(tmp_path / "tensorboard")
     assert tags["loss/train"] == 3 and tags["loss/val"] == 3 and tags["val/mse"] == 3 and tags["lr"] == 3
-    assert tags["weights/layers.0.weight"] == 1  # histograms on epoch 1, then every 10
+    assert tags["weights/layers.0.weight"] == 3  # up to 20 histograms a run: with 3 epochs, every epoch
 
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == summary

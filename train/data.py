@@ -186,20 +186,36 @@ def _socket_timeout(seconds: float):
 
 
 def batch_order(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
-                device: torch.device | str = "cpu") -> list[torch.Tensor]:
+                device: torch.device | str = "cpu", sampler: bool = True) -> list[torch.Tensor]:
     """This process's shuffled batches of indices into a training set of `n` samples.
 
-    Uses torch's DistributedSampler, so every process of a torchrun job gets its own shard of one
-    permutation seeded by (seed, epoch); one process gets the whole permutation. `batch_size` is the
-    global batch: each process takes batch_size / world_size of it, so one step of the job sees
-    the same samples whatever the number of processes.
+    The order is torch's DistributedSampler's: every process of a torchrun job gets its own shard of
+    one permutation seeded by (seed, epoch); one process gets the whole permutation. `batch_size`
+    is the global batch: each process takes batch_size / world_size of it, so one step of the job
+    sees the same samples whatever the number of processes. `sampler=False` computes the same
+    order with tensor ops, for the product task, whose 15 ms epochs can't afford the sampler's
+    Python list (1 ms an epoch, measured).
     """
+    shard = sampler_shard if sampler else tensor_shard
+    order = shard(n, epoch, seed, rank, world_size).to(device)
+    return list(order.split(batch_size // world_size))
+
+
+def sampler_shard(n: int, epoch: int, seed: int, rank: int, world_size: int) -> torch.Tensor:
     from torch.utils.data import DistributedSampler
 
     sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     sampler.set_epoch(epoch)
-    order = torch.tensor(list(sampler), device=device)
-    return list(order.split(batch_size // world_size))
+    return torch.tensor(list(sampler))
+
+
+def tensor_shard(n: int, epoch: int, seed: int, rank: int, world_size: int) -> torch.Tensor:
+    """DistributedSampler's shard, computed without a Python list (tests hold the two equal)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    padding = -n % world_size  # pad by repeating the head so every process gets as many samples
+    if padding:
+        perm = torch.cat([perm, perm.repeat(padding // n + 1)[:padding]])
+    return perm[rank::world_size]
 
 
 class Augment:

@@ -125,9 +125,10 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
     with CheckpointWriter() as writer:
         for epoch in range(start + 1, cfg.run.epochs + 1):
             t0 = time.perf_counter()
-            torch.manual_seed(epoch_seed(cfg.run.seed, epoch, rt.rank))  # dropout and augmentation draws
+            reseed(epoch_seed(cfg.run.seed, epoch, rt.rank), rt.device)  # dropout and augmentation draws
             lr = opt.param_groups[0]["lr"]  # the rate this epoch starts with (before its scheduler step)
-            batches = batch_order(len(x_train), global_batch, epoch, cfg.run.seed, rt.rank, rt.world_size, rt.device)
+            batches = batch_order(len(x_train), global_batch, epoch, cfg.run.seed, rt.rank, rt.world_size, rt.device,
+                                  sampler=not regression)
             train_loss = train_epoch(model, x_train, y_train, batches[:steps], loss_f, opt, sched, rt, scaler,
                                      cfg.optim.clip_grad_norm, augment,
                                      f"epoch {epoch}" if cfg.log.progress and rt.is_main and steps >= 100 else None)
@@ -209,6 +210,16 @@ def _payload(cfg: Config, predictor: Predictor, epoch: int, metrics: dict, class
             "stopper": stopper.state(),
         },
     }
+
+
+def reseed(seed: int, device: torch.device) -> None:
+    """torch.manual_seed for the generators training uses; manual_seed itself also seeds every
+    accelerator backend, which took 0.17 ms, a share of a product epoch worth saving."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:

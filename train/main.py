@@ -128,7 +128,7 @@ def run(cfg: Config, resume: dict | None = None) -> dict:
 
 
 def _log(cfg: Config, rt: Runtime, out: Path) -> RunLog:
-    return RunLog(out, rt.is_main, cfg.log.tensorboard, cfg.log.histogram_every, cfg.log.print_every, cfg.run.epochs)
+    return RunLog(out, rt.is_main, cfg.log.tensorboard, cfg.log.histograms, cfg.log.print_every, cfg.run.epochs)
 
 
 def _kfold(cfg: Config, data: TaskData, rt: Runtime, out: Path) -> tuple[FitResult, dict]:
