@@ -5,7 +5,7 @@
 (reads it), and both import `models`.
 """
 
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -71,11 +71,7 @@ def is_regression(arch: str) -> bool:
     return ARCHITECTURES[arch][3]
 
 
-def config_dict(cfg) -> dict[str, Any]:
-    return asdict(cfg)
-
-
 __all__ = [
     "ARCHITECTURES", "Predictor", "Standardizer", "build_predictor", "model_config", "input_shape",
-    "is_regression", "config_dict", "ProductMLP", "ProductMLPConfig", "MLP", "MLPConfig", "CNN", "CNNConfig",
+    "is_regression", "ProductMLP", "ProductMLPConfig", "MLP", "MLPConfig", "CNN", "CNNConfig",
 ]

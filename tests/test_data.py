@@ -176,7 +176,7 @@ def test_augment_hflip_flips_about_half():
     out = Augment(crop_padding=0, hflip=True, pad_value=0.0)(x)
     flipped = [torch.equal(out[i], x[i].flip(-1)) for i in range(200)]
     kept = [torch.equal(out[i], x[i]) for i in range(200)]
-    assert all(f != k for f, k in zip(flipped, kept))
+    assert all(f != k for f, k in zip(flipped, kept, strict=True))
     assert 60 < sum(flipped) < 140
     assert not Augment(0, False, 0.0).active and Augment(1, False, 0.0).active
 

@@ -7,7 +7,7 @@ the wrong type raise ConfigError with a one-line message.
 
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -373,7 +373,3 @@ def _positive(name: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{name} must be > 0, got {value}")
 
-
-def field_docs() -> dict[str, list[str]]:
-    """Section -> field names, for --help."""
-    return {s: [f.name for f in fields(c)] for s, c in SECTIONS.items()}

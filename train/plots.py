@@ -24,7 +24,7 @@ def loss_curves(history: list[dict], path: Path) -> None:
 def predicted_vs_true(true, pred, path: Path, max_points: int = 5000) -> None:
     """Left: predictions against the truth; right: the error, which the left panel is too coarse to show."""
     true, pred = list(true)[:max_points], list(pred)[:max_points]
-    err = [p - t for p, t in zip(pred, true)]
+    err = [p - t for p, t in zip(pred, true, strict=True)]
     fig, (ax, ax_err) = plt.subplots(1, 2, figsize=(11, 5))
     ax.scatter(true, pred, s=3, alpha=0.4)
     lo, hi = min(true), max(true)

@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from torch import nn
 
 
@@ -96,6 +95,3 @@ def write_json(path: Path, data: dict) -> None:
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
-
-def tensor_list(t: torch.Tensor) -> list:
-    return t.detach().cpu().tolist()
