@@ -78,6 +78,10 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
     with torch.no_grad():
         x_train = predictor.input_norm(data.train_x)
         y_train = predictor.target_norm(data.train_y) if regression else data.train_y
+    if rt.distributed and rt.device.type == "cuda":
+        # Batch statistics over the global batch, as one process would see them (gloo on CPU has no
+        # SyncBatchNorm). Same parameters and buffers, so checkpoints load into plain BatchNorm.
+        predictor.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(predictor.net)
     net = predictor.net
     model = DistributedDataParallel(net, device_ids=[rt.device] if rt.device.type == "cuda" else None) \
         if rt.distributed else net
