@@ -203,6 +203,11 @@ class Config:
         return self.model["arch"]
 
     @property
+    def model_fields(self) -> dict[str, Any]:
+        """The architecture's config fields, without `arch` itself."""
+        return {k: v for k, v in self.model.items() if k != "arch"}
+
+    @property
     def out_dir(self) -> Path:
         return Path(self.run.out or f"runs/{self.run.task}")
 

@@ -62,7 +62,7 @@ class Stopper:
 def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, resume: dict | None = None) -> FitResult:
     regression = cfg.run.task == "product"
     torch.manual_seed(cfg.run.seed)  # the same initial weights in every process and every repeat
-    predictor = build_predictor(cfg.arch, {k: v for k, v in cfg.model.items() if k != "arch"})
+    predictor = build_predictor(cfg.arch, cfg.model_fields)
     if resume is not None:
         predictor.load_state_dict(resume["state_dict"])
     else:  # z-score statistics from the training split only
@@ -125,6 +125,7 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
                  "the test uses the resumed weights unless a later epoch improves")
     stopped, epoch = "max_epochs", start
     num_classes = len(data.classes) if data.classes else 0
+    config = cfg.to_dict()  # fixed for the whole fit: built once, not every epoch
     # Checkpoint files are written (and fsynced) on a background thread, overlapping the next epoch.
     with CheckpointWriter() as writer:
         for epoch in range(start + 1, cfg.run.epochs + 1):
@@ -144,7 +145,8 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
             if improved:
                 best_state, best_metrics = copy.deepcopy(predictor.state_dict()), val
             if rt.is_main:
-                ckpt = serialize(_payload(cfg, predictor, epoch, val, data.classes, opt, sched, scaler, stopper, rt))
+                ckpt = serialize(_payload(cfg, config, predictor, epoch, val, data.classes, opt, sched, scaler,
+                                          stopper, rt))
                 writer.write(ckpt, [out_dir / "last.pt", *([out_dir / "best.pt"] if improved else [])])
             log.epoch(epoch, train_loss, val, lr, time.perf_counter() - t0, net, improved)
             stop = ("early_stopping" if cfg.stop.patience and stopper.bad_epochs >= cfg.stop.patience
@@ -189,8 +191,8 @@ class CheckpointWriter:
             self._pool.shutdown()
 
 
-def _payload(cfg: Config, predictor: Predictor, epoch: int, metrics: dict, classes, opt, sched, scaler,
-             stopper: Stopper, rt: Runtime) -> dict:
+def _payload(cfg: Config, config: dict, predictor: Predictor, epoch: int, metrics: dict, classes, opt, sched,
+             scaler, stopper: Stopper, rt: Runtime) -> dict:
     """A self-describing checkpoint: the model alone rebuilds from it; the rest resumes training."""
     norm = {"input": predictor.input_norm.to_dict()}
     if predictor.target_norm is not None:
@@ -198,14 +200,14 @@ def _payload(cfg: Config, predictor: Predictor, epoch: int, metrics: dict, class
     return {
         "task": cfg.run.task,
         "arch": cfg.arch,
-        "model_config": {k: v for k, v in cfg.model.items() if k != "arch"},
+        "model_config": cfg.model_fields,
         "state_dict": {k: v.detach().cpu() for k, v in predictor.state_dict().items()},
         "normalization": norm,
         "input_shape": list(input_shape(cfg.arch)),
         "classes": classes,
         "metrics": metrics,
         "epoch": epoch,
-        "config": cfg.to_dict(),
+        "config": config,
         "torch_version": str(torch.__version__),  # TorchVersion would fail weights_only loads
         "resume": {
             "optimizer": opt.state_dict(),
