@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+# X1 and X2 are drawn uniform in [LOW, HIGH), as the reference script draws them; a prediction
+# outside this square is an extrapolation (serving flags it).
+INPUT_RANGE = (1.0, 10.0)
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.product import INPUT_RANGE
 from train.config import Config
 
 IDX_FILES = {
@@ -68,8 +69,9 @@ def load_task_data(cfg: Config, device: torch.device) -> TaskData:
 
 def product_points(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """n points as the reference draws them: all X1, then all X2, uniform in [1, 10)."""
-    x1 = 1 + 9 * torch.rand(n, generator=generator)
-    x2 = 1 + 9 * torch.rand(n, generator=generator)
+    low, high = INPUT_RANGE
+    x1 = low + (high - low) * torch.rand(n, generator=generator)
+    x2 = low + (high - low) * torch.rand(n, generator=generator)
     return torch.stack([x1, x2], 1), (x1 * x2).unsqueeze(1)  # (n, 2), (n, 1)
 
 

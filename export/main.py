@@ -1,0 +1,193 @@
+"""`python -m export`: checkpoint -> TorchScript / ONNX -> parity -> model store.
+
+    python -m export --format all                      # runs/product/best.pt -> runs/product/export
+    python -m export --format onnx --checkpoint runs/fashion-mnist/best.pt --out exports/fmnist
+
+Nothing is registered unless every artifact matches the eager model on held-out inputs.
+Exit status: 0 done, 1 parity failed, 2 a user error (bad option, missing or foreign checkpoint).
+"""
+
+import argparse
+import hashlib
+import sys
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from export import parity
+from export.artifacts import FORMATS, ONNX_FILE, TORCHSCRIPT_FILE, ExportError, onnx_metadata, write_json, \
+    write_onnx, write_torchscript
+from export.contract import contract_of, traced_module
+from export.parity import ParityError
+from export.store import register
+from models.checkpoint import CheckpointError, load_checkpoint, predictor_from_checkpoint
+
+DEFAULT_CHECKPOINT = Path("runs/product/best.pt")  # best.pt of the default task's default run folder
+PARITY_FILE = "parity.json"
+PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "bentoml", "numpy")
+
+
+@dataclass
+class ExportOptions:
+    checkpoint: Path = DEFAULT_CHECKPOINT
+    out: Path | None = None  # None: <checkpoint's folder>/export
+    formats: tuple[str, ...] = FORMATS
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 7, 1024])
+    data_dir: str | None = None  # classifier test images; None: the folder the run trained on
+    register: bool = True
+
+
+@dataclass
+class Exported:
+    ckpt: dict[str, Any]
+    module: torch.nn.Module  # the eager raw-units module every artifact is checked against
+    contract: dict[str, Any]
+    files: dict[str, Path]  # format -> artifact
+    out: Path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise ValueError(message)
+
+
+def parse_args(argv: list[str]) -> ExportOptions:
+    p = _Parser(prog="python -m export", description="Export a checkpoint to ONNX/TorchScript, prove parity, "
+                                                      "register it in BentoML's model store.")
+    p.add_argument("--format", default="all", choices=[*FORMATS, "all"], help="artifacts to write (default: all)")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help=f"checkpoint to export (default: {DEFAULT_CHECKPOINT})")
+    p.add_argument("--out", type=Path, help="output folder (default: export/ beside the checkpoint)")
+    p.add_argument("--atol", type=float, default=1e-5, help="parity: absolute tolerance (default: 1e-5)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="parity: relative tolerance (default: 1e-5)")
+    p.add_argument("--batch-sizes", default="1,7,1024", help="parity batch sizes, comma-separated (default: 1,7,1024)")
+    p.add_argument("--data-dir", help="folder with the classifier's IDX test images (default: the run's data.dir)")
+    p.add_argument("--no-register", action="store_true", help="write and check the artifacts only")
+    a = p.parse_args(argv)
+    try:
+        sizes = [int(s) for s in a.batch_sizes.split(",")]
+    except ValueError:
+        raise ValueError(f"--batch-sizes must be comma-separated integers, got {a.batch_sizes!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--batch-sizes must be positive, got {a.batch_sizes!r}")
+    for name in ("atol", "rtol"):
+        if not getattr(a, name) >= 0:  # also refuses nan
+            raise ValueError(f"--{name} must be a non-negative number, got {getattr(a, name)}")
+    return ExportOptions(checkpoint=a.checkpoint, out=a.out, formats=FORMATS if a.format == "all" else (a.format,),
+                         atol=a.atol, rtol=a.rtol, batch_sizes=sizes, data_dir=a.data_dir,
+                         register=not a.no_register)
+
+
+def write_artifacts(opts: ExportOptions) -> Exported:
+    """Load the checkpoint, trace it, write the requested artifacts (not yet trusted)."""
+    if not opts.checkpoint.exists() and opts.checkpoint == DEFAULT_CHECKPOINT:
+        raise CheckpointError(f"no checkpoint at {DEFAULT_CHECKPOINT}: train one with `python -m train` "
+                              "or pass --checkpoint PATH")
+    ckpt = load_checkpoint(opts.checkpoint)
+    predictor = predictor_from_checkpoint(ckpt)
+    bad = [k for k, v in predictor.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{opts.checkpoint} has non-finite weights in {bad[0]}; refusing to export it")
+    contract = contract_of(ckpt)
+    module = traced_module(predictor, contract)
+    out = opts.out or opts.checkpoint.parent / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    if "onnx" in opts.formats:
+        files["onnx"] = out / ONNX_FILE
+        write_onnx(module, contract, files["onnx"], onnx_metadata(contract, {
+            "task": ckpt["task"], "checkpoint_sha256": sha256(opts.checkpoint)}))
+    if "torchscript" in opts.formats:
+        files["torchscript"] = out / TORCHSCRIPT_FILE
+        write_torchscript(module, contract, files["torchscript"])
+    return Exported(ckpt, module, contract, files, out)
+
+
+def verify_and_register(exp: Exported, opts: ExportOptions) -> tuple[dict[str, Any], str | None]:
+    """Check parity (writing parity.json either way); register only if it passed. Returns (report, tag)."""
+    inputs = parity.held_out_inputs(exp.ckpt, exp.contract, max(opts.batch_sizes), opts.data_dir)
+    report = parity.check(exp.module, exp.contract, exp.files, inputs, opts.batch_sizes, opts.atol, opts.rtol)
+    report["checkpoint"] = str(opts.checkpoint)
+    write_json(exp.out / PARITY_FILE, report)
+    if not report["passed"]:
+        raise ParityError(parity.failure_message(report))
+    if not opts.register:
+        return report, None
+    files = {**exp.files, "parity": exp.out / PARITY_FILE}
+    return report, register(exp.ckpt["task"], files, exp.contract, store_metadata(exp, report, opts))
+
+
+def store_metadata(exp: Exported, report: dict[str, Any], opts: ExportOptions) -> dict[str, Any]:
+    ckpt = exp.ckpt
+    return {
+        "task": ckpt["task"],
+        "arch": ckpt["arch"],
+        "contract": exp.contract,
+        "normalization": exp.contract["normalization"],
+        "classes": exp.contract["classes"],
+        "training_metrics": ckpt.get("metrics") or {},
+        "epoch": ckpt["epoch"],
+        "parity": {"passed": report["passed"], "atol": report["atol"], "rtol": report["rtol"],
+                   "batch_sizes": report["batch_sizes"], "inputs": report["inputs"],
+                   "worst": {f: {"max_abs_err": c["max_abs_err"], "max_rel_err": c["max_rel_err"], "batch": c["batch"]}
+                             for f, c in report["worst"].items()}},
+        "formats": sorted(exp.files),
+        "checkpoint": str(opts.checkpoint),
+        "checkpoint_sha256": sha256(opts.checkpoint),
+        "versions": package_versions(),
+    }
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def summary_lines(exp: Exported, report: dict[str, Any]) -> list[str]:
+    lines = []
+    for fmt, path in exp.files.items():
+        w = report["worst"][fmt]
+        lines.append(f"{fmt:<12} {path}  {path.stat().st_size / 1024:.0f} KiB  parity ok at batch "
+                     f"{', '.join(map(str, report['batch_sizes']))}: max abs err {w['max_abs_err']:.2e}, "
+                     f"max rel err {w['max_rel_err']:.2e}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts = parse_args(sys.argv[1:] if argv is None else argv)
+        exp = write_artifacts(opts)
+        report, tag = verify_and_register(exp, opts)
+    except ParityError as e:
+        print(f"error: {e}; nothing registered (details in parity.json)", file=sys.stderr)
+        return 1
+    except (ValueError, CheckpointError, ExportError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing registered", file=sys.stderr)
+        return 130
+    for line in summary_lines(exp, report):
+        print(line)
+    print(f"parity      {exp.out / PARITY_FILE}  ({report['inputs']})")
+    if tag:
+        print(f"registered  {tag} in the BentoML model store (serve it with `bentoml serve`)")
+    return 0

@@ -1,0 +1,37 @@
+"""Register parity-checked artifacts in BentoML's local model store ($BENTOML_HOME/models).
+
+The entry is named after the task (`product`, `fashion-mnist`, `mnist`); BentoML gives it a
+version, so `<task>:latest` is always the newest export. Its folder holds the artifacts plus
+`contract.json`; its metadata holds the contract, normalization statistics, training metrics,
+the parity summary, the source checkpoint's SHA-256 and the package versions.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+CONTRACT_FILE = "contract.json"
+
+
+def register(task: str, files: dict[str, Path], contract: dict[str, Any], metadata: dict[str, Any]) -> str:
+    """Copy `files` into a new model-store entry; returns its tag, e.g. 'product:abc123'."""
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")  # no usage analytics calls from an offline tool
+    import bentoml  # slow to import; only needed once parity has passed
+
+    metadata = _without_none(metadata)  # BentoML's metadata refuses None; contract.json keeps the nulls
+    labels = {"task": task, "kind": contract["kind"], "formats": ",".join(sorted(files))}
+    with bentoml.models.create(name=task, labels=labels, metadata=metadata) as model:
+        for path in files.values():
+            shutil.copy2(path, model.path_of(path.name))
+        Path(model.path_of(CONTRACT_FILE)).write_text(json.dumps(contract, indent=2) + "\n")
+    return str(model.tag)
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value

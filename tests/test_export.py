@@ -1,0 +1,236 @@
+"""`python -m export`: artifacts in raw units, parity against the eager model, and a parity-gated model store.
+
+Checkpoints come from real (tiny) training runs; parity runs the real onnxruntime and reloads the
+saved TorchScript file. Registration goes to a temporary BENTOML_HOME in a subprocess, because
+BentoML reads BENTOML_HOME once, at import.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import PRODUCT, REPO, train, write_image_set
+from onnx import numpy_helper
+
+from export.main import ExportOptions, main, verify_and_register, write_artifacts
+from export.parity import ParityError
+from models.checkpoint import load_checkpoint, predictor_from_checkpoint, save_checkpoint
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+       "OMP_NUM_THREADS": "1", "BENTOML_DO_NOT_TRACK": "true"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Checkpoints of the three architectures, and an image folder with 1024 test images (the largest batch)."""
+    root = tmp_path_factory.mktemp("export")
+    images = write_image_set(root / "idx", n_train=300, n_test=1024)
+    image_args = ["--task", "fashion-mnist", "--data-dir", str(images), "--data.download", "false",
+                  "--data.val_size", "50", "--epochs", "1"]
+    train([*PRODUCT, "--epochs", "3"], root / "product")
+    train([*image_args, "--model.arch", "mlp"], root / "mlp")
+    train([*image_args, "--model.arch", "cnn", "--model.channels", "[4, 8, 8]"], root / "cnn")
+    return root
+
+
+def export_cli(args, home, timeout=300):
+    """`python -m export ARGS` in a fresh process with its own model store."""
+    return subprocess.run([sys.executable, "-m", "export", *args], cwd=REPO, env={**ENV, "BENTOML_HOME": str(home)},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def store_entries(home) -> list[dict]:
+    """Every model in the store at `home`, as `bentoml models list -o json` reports it, with its metadata."""
+    code = ("import json, bentoml; print(json.dumps([{'tag': str(m.tag), 'labels': m.info.labels, "
+            "'metadata': m.info.metadata, 'files': sorted(__import__('os').listdir(m.path))} "
+            "for m in bentoml.models.list()]))")
+    out = subprocess.run([sys.executable, "-c", code], env={**ENV, "BENTOML_HOME": str(home)}, capture_output=True,
+                         text=True, timeout=120, check=True)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("arch", ["product", "mlp", "cnn"])
+def test_parity_at_three_batch_sizes(runs, tmp_path, arch, capsys):
+    out = tmp_path / "export"
+    assert main(["--checkpoint", str(runs / arch / "best.pt"), "--out", str(out), "--no-register"]) == 0
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] and report["batch_sizes"] == [1, 7, 1024]
+    assert sorted((c["format"], c["batch"]) for c in report["checks"]) == sorted(
+        (f, b) for f in ("onnx", "torchscript") for b in (1, 7, 1024))
+    for c in report["checks"]:
+        assert c["passed"] and c["max_abs_err"] <= 1e-5 + 1e-5 * 1e4, c
+        assert c["shape"][0] == c["batch"]
+    if arch == "product":
+        assert report["inputs"].startswith("1024 fresh points")
+    else:
+        assert report["inputs"].startswith("first 1024 test images")  # real held-out images, not noise
+        assert all(c["argmax_agreement"] == 1.0 for c in report["checks"])
+    printed = capsys.readouterr().out
+    assert "onnx " in printed and "torchscript " in printed and "registered" not in printed
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.torchscript.pt", "parity.json"]
+
+
+def test_onnx_contract_and_self_contained_file(runs, tmp_path):
+    out = tmp_path / "export"
+    assert main(["--format", "onnx", "--checkpoint", str(runs / "product" / "best.pt"), "--out", str(out),
+                 "--no-register", "--batch-sizes", "1,3"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "parity.json"]  # no .data side file
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    model = onnx.load(str(out / "model.onnx"))
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in model.graph.initializer)
+    (inp,), (outp,) = model.graph.input, model.graph.output
+    assert (inp.name, outp.name) == ("x", "y")
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[1] == 2  # dynamic batch, two raw inputs
+    props = {p.key: p.value for p in model.metadata_props}
+    contract = json.loads(props["contract"])
+    ckpt = load_checkpoint(runs / "product" / "best.pt")
+    assert contract["inputs"][0]["name"] == "x" and contract["outputs"][0]["shape"] == ["batch", 1]
+    assert contract["normalization"] == ckpt["normalization"]
+    assert contract["train_range"] == [[1.0, 10.0], [1.0, 10.0]]
+
+
+def test_classifier_contract_takes_unit_pixels(runs, tmp_path):
+    """The graph takes pixels in [0, 1]; training's raw units are 0..255, so the graph scales inside."""
+    out = tmp_path / "export"
+    assert main(["--format", "onnx", "--checkpoint", str(runs / "cnn" / "best.pt"), "--out", str(out),
+                 "--no-register", "--batch-sizes", "2"]) == 0
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"] and [o.name for o in session.get_outputs()] == ["logits"]
+    pixels = np.random.default_rng(0).integers(0, 256, size=(5, 1, 28, 28)).astype(np.float32)
+    eager = predictor_from_checkpoint(load_checkpoint(runs / "cnn" / "best.pt"))
+    with torch.no_grad():
+        want = eager(torch.from_numpy(pixels)).numpy()  # training's units: 0..255
+    got = session.run(None, {"image": pixels / 255})[0]
+    assert got.shape == (5, 10)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    contract = json.loads({p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}["contract"])
+    assert contract["kind"] == "classification" and contract["pixel_scale"] == 255
+    assert len(contract["classes"]) == 10 and contract["classes"][0] == "T-shirt/top"
+
+
+def test_corrupted_onnx_fails_parity_and_is_not_registered(runs, tmp_path, monkeypatch):
+    home = tmp_path / "bentoml"
+    monkeypatch.setenv("BENTOML_HOME", str(home))  # in case registration were (wrongly) reached
+    opts = ExportOptions(checkpoint=runs / "product" / "best.pt", out=tmp_path / "export", formats=("onnx",))
+    exported = write_artifacts(opts)
+    model = onnx.load(str(exported.files["onnx"]))
+    weights = [t for t in model.graph.initializer if t.name.endswith("weight")]
+    assert weights
+    for t in weights:  # 0.1% off: small, but far outside rtol 1e-5
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.001), t.name))
+    onnx.save(model, str(exported.files["onnx"]))
+    with pytest.raises(ParityError, match=r"parity failed for onnx at batch 1: max abs error .* at input 0"):
+        verify_and_register(exported, opts)
+    report = json.loads((tmp_path / "export" / "parity.json").read_text())
+    assert report["passed"] is False and all(not c["passed"] for c in report["checks"])
+    assert not (home / "models").exists() or not any((home / "models").iterdir())
+
+
+@pytest.mark.slow
+def test_cli_registers_with_metadata(runs, tmp_path):
+    home = tmp_path / "bentoml"
+    ckpt = runs / "product" / "best.pt"
+    done = export_cli(["--checkpoint", str(ckpt), "--out", str(tmp_path / "export")], home)
+    assert done.returncode == 0, done.stderr
+    assert "registered  product:" in done.stdout and "Traceback" not in done.stderr
+    (entry,) = store_entries(home)
+    assert entry["tag"].startswith("product:") and entry["tag"] in done.stdout
+    assert entry["labels"]["task"] == "product" and entry["labels"]["kind"] == "regression"
+    assert entry["files"] == ["contract.json", "model.onnx", "model.torchscript.pt", "model.yaml", "parity.json"]
+    meta = entry["metadata"]
+    loaded = load_checkpoint(ckpt)
+    import hashlib
+
+    assert meta["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert meta["task"] == "product" and meta["contract"]["inputs"][0]["name"] == "x"
+    assert meta["normalization"] == loaded["normalization"]
+    assert meta["training_metrics"] == pytest.approx(loaded["metrics"])
+    assert meta["parity"]["passed"] is True and set(meta["parity"]["worst"]) == {"onnx", "torchscript"}
+    assert meta["versions"]["torch"] == torch.__version__.split("+")[0] or meta["versions"]["torch"] == torch.__version__
+    assert set(meta["versions"]) >= {"onnx", "onnxruntime", "bentoml"}
+
+
+@pytest.mark.slow
+def test_onnx_runs_without_torch_and_torchscript_in_a_fresh_process(runs, tmp_path):
+    out = tmp_path / "export"
+    assert main(["--checkpoint", str(runs / "product" / "best.pt"), "--out", str(out), "--no-register",
+                 "--batch-sizes", "4"]) == 0
+    x = np.array([[1.5, 2.0], [3.0, 4.0], [9.9, 9.9], [5.0, 1.0]], dtype=np.float32)
+    eager = predictor_from_checkpoint(load_checkpoint(runs / "product" / "best.pt"))
+    with torch.no_grad():
+        want = eager(torch.from_numpy(x)).numpy()
+    np.save(tmp_path / "x.npy", x)
+    onnx_only = (
+        "import sys, numpy as np, onnxruntime as ort\n"
+        f"s = ort.InferenceSession({str(out / 'model.onnx')!r}, providers=['CPUExecutionProvider'])\n"
+        f"y = s.run(['y'], {{'x': np.load({str(tmp_path / 'x.npy')!r})}})[0]\n"
+        "assert 'torch' not in sys.modules, 'onnxruntime path imported torch'\n"
+        "print(repr(y.ravel().tolist()))\n")
+    done = subprocess.run([sys.executable, "-c", onnx_only], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(eval(done.stdout), want.ravel(), atol=1e-4, rtol=1e-5)
+    script = (f"import torch, numpy as np\nm = torch.jit.load({str(out / 'model.torchscript.pt')!r})\n"
+              f"print(repr(m(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))).ravel().tolist()))\n")
+    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(eval(done.stdout), want.ravel(), atol=1e-5, rtol=1e-6)
+
+
+def test_random_images_when_test_set_is_missing(runs, tmp_path):
+    out = tmp_path / "export"
+    assert main(["--format", "onnx", "--checkpoint", str(runs / "mlp" / "best.pt"), "--out", str(out),
+                 "--no-register", "--batch-sizes", "1,7", "--data-dir", str(tmp_path / "nowhere")]) == 0
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] and report["inputs"].startswith("7 random images")
+
+
+@pytest.fixture
+def bad_files(tmp_path, runs):
+    (tmp_path / "noise.pt").write_bytes(os.urandom(512))
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    ckpt = load_checkpoint(runs / "product" / "best.pt")
+    ckpt["state_dict"] = {k: torch.full_like(v, float("nan")) if k.endswith("weight") else v
+                          for k, v in ckpt["state_dict"].items()}
+    save_checkpoint({k: v for k, v in ckpt.items() if k not in ("format", "format_version")}, tmp_path / "nan.pt")
+    return tmp_path
+
+
+BAD = {
+    "missing checkpoint": (["--checkpoint", "{tmp}/missing.pt"], "checkpoint {tmp}/missing.pt does not exist", 2),
+    "random bytes": (["--checkpoint", "{tmp}/noise.pt"], "cannot read checkpoint {tmp}/noise.pt", 2),
+    "foreign checkpoint": (["--checkpoint", "{tmp}/foreign.pt"], "is not a train-to-deploy checkpoint", 2),
+    "NaN weights": (["--checkpoint", "{tmp}/nan.pt"], "non-finite weights", 2),
+    "unknown format": (["--format", "tflite"], "argument --format: invalid choice: 'tflite'", 2),
+    "bad batch sizes": (["--batch-sizes", "1,x"], "--batch-sizes must be comma-separated integers", 2),
+    "negative tolerance": (["--atol", "-1"], "--atol must be a non-negative number", 2),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_user_errors_are_one_line(bad_files, capsys, name):
+    args, message, code = BAD[name]
+    args = [a.format(tmp=bad_files) for a in args]
+    if "--checkpoint" not in args:
+        args += ["--checkpoint", str(bad_files / "noise.pt")]
+    assert main([*args, "--out", str(bad_files / "out"), "--no-register"]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message.format(tmp=bad_files) in err, err
+    assert not (bad_files / "out" / "model.onnx").exists()
+
+
+@pytest.mark.slow
+def test_default_checkpoint_missing_from_the_command_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "export"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == ("error: no checkpoint at runs/product/best.pt: train one with `python -m train` "
+                                   "or pass --checkpoint PATH")
