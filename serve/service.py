@@ -1,0 +1,132 @@
+"""The HTTP service: the product regressor and the image classifier, on onnxruntime.
+
+    bentoml serve --host 127.0.0.1 --port 3000      # from the repository root (bentofile.yaml names this class)
+
+    curl -s -X POST localhost:3000/predict -H 'Content-Type: application/json' -d '{"x1": 3, "x2": 4}'
+    -> {"y": 12.01..., "model": "product:...", "extrapolated": false}
+
+Endpoints (all POST): /predict, /predict_batch (product); /classify (JSON pixels), /classify_png
+(a PNG body) (classifier). GET /livez, /readyz; the Swagger UI at / has an example body for each
+JSON endpoint. Which models are served and how to pin them: `serve.store`. Input checks:
+`serve.validate`. Size and content-type limits: `serve.limits`.
+
+Errors are JSON with an "error" message: 400 for a body that does not validate (BentoML's answer
+to a pydantic error, with a "detail" list) or is not a PNG, 413 too big, 415 wrong Content-Type,
+422 for a PNG of the wrong size or mode and for a model output that is not finite, 503 when the
+endpoint's model is missing or broken (the message says how to train and export it).
+
+No adaptive batching: one of these models answers a request in microseconds, far below what
+HTTP and JSON cost per request, so there is nothing for a batch to amortize, and BentoML's
+dispatcher sheds load with 503 when its latency target is missed. Clients with many inputs send
+them together to /predict_batch.
+"""
+
+from typing import Annotated
+
+import bentoml
+import numpy as np
+from bentoml.models import BentoModel
+from bentoml.validators import ContentType
+from starlette.responses import JSONResponse
+
+from serve.limits import JSON, PNG, RequestGuard
+from serve.store import SLOTS, OnnxModel, load_slot, registered_tags
+from serve.validate import (ClassifyInput, ClassifyOutput, InputError, PredictBatchInput, PredictBatchOutput,
+                            PredictInput, PredictOutput, png_pixels, quiet_validation_errors)
+
+
+def error(status: int, message: str) -> JSONResponse:
+    # Returned, not raised: BentoML renders a raised BentoMLException under 500 as a generic message
+    # and a 4xx one as a JSON list, so endpoints build their error responses themselves.
+    return JSONResponse({"error": message}, status_code=status)
+
+
+# One worker process: a request is about 2 ms of Python HTTP and JSON work around 15-70 us of
+# onnxruntime, and this project's machines have 2 shared cores; on a bigger machine, more workers
+# scale with the cores. A request takes milliseconds, so the 30 s timeout (BentoML's default is 60)
+# only bounds a stuck one.
+@bentoml.service(workers=1, traffic={"timeout": 30})
+class TrainToDeploy:
+    def __init__(self) -> None:
+        # Served from a built Bento: the model tags it was built with (`bento` is set once BentoML loads one).
+        bento = TrainToDeploy.bento
+        packed = [str(m.tag) for m in bento.info.all_models] if bento is not None else None
+        # A slot without a usable model is None with the reason; its endpoints answer 503 with it.
+        self.product, self.product_error = load_slot(SLOTS["product"], packed)
+        self.classifier, self.classifier_error = load_slot(SLOTS["classifier"], packed)
+
+    @bentoml.api
+    def predict(self, body: PredictInput, /) -> PredictOutput:
+        """X1*X2 for one pair; `extrapolated` is true when an input is outside the training range."""
+        if self.product is None:
+            return error(503, self.product_error)
+        try:
+            y, extrapolated = self._regress(np.array([[body.x1, body.x2]], dtype=np.float32))
+        except InputError as e:
+            return error(e.status, str(e))
+        return PredictOutput(y=y[0], model=self.product.tag, extrapolated=extrapolated[0])
+
+    @bentoml.api
+    def predict_batch(self, body: PredictBatchInput, /) -> PredictBatchOutput:
+        """X1*X2 for each row of `x`, in order."""
+        if self.product is None:
+            return error(503, self.product_error)
+        try:
+            y, extrapolated = self._regress(np.array(body.x, dtype=np.float32))
+        except InputError as e:
+            return error(e.status, str(e))
+        return PredictBatchOutput(y=y, model=self.product.tag, extrapolated=extrapolated)
+
+    @bentoml.api
+    def classify(self, body: ClassifyInput, /) -> ClassifyOutput:
+        """The class of one 28x28 image given as rows of pixel values 0..255."""
+        if self.classifier is None:
+            return error(503, self.classifier_error)
+        try:
+            return self._classify(np.array(body.image, dtype=np.float32))
+        except InputError as e:
+            return error(e.status, str(e))
+
+    @bentoml.api
+    def classify_png(self, png: Annotated[bytes, ContentType(PNG)], /) -> ClassifyOutput:
+        """The class of one 28x28 PNG image sent as the request body (Content-Type: image/png)."""
+        if self.classifier is None:
+            return error(503, self.classifier_error)
+        try:
+            return self._classify(png_pixels(png))
+        except InputError as e:
+            return error(e.status, str(e))
+
+    def _regress(self, x: np.ndarray) -> tuple[list[float], list[bool]]:
+        """Predictions and extrapolation flags for (rows, 2) raw inputs."""
+        y = self.product.run(x)[:, 0]  # (rows, 1) -> (rows,)
+        if not np.isfinite(y).all():
+            rows = np.flatnonzero(~np.isfinite(y))[:10].tolist()
+            raise InputError(f"the model's output is not finite for row(s) {rows}: inputs this far outside "
+                             f"the training range overflow float32", status=422)
+        low, high = np.array(self.product.contract["train_range"], dtype=np.float64).T  # [low, high) per input
+        extrapolated = ((x < low) | (x >= high)).any(axis=1)
+        return [float(v) for v in y], [bool(v) for v in extrapolated]
+
+    def _classify(self, pixels: np.ndarray) -> ClassifyOutput:
+        """The answer for one (28, 28) image of pixels in 0..255."""
+        model: OnnxModel = self.classifier
+        image = (pixels / np.float32(model.contract["pixel_scale"])).reshape(1, 1, 28, 28)  # to the model's [0, 1]
+        logits = model.run(image)[0].astype(np.float64)  # (10,)
+        if not np.isfinite(logits).all():
+            raise InputError("the model's output is not finite for this image", status=422)
+        p = np.exp(logits - logits.max())  # softmax, shifted so exp cannot overflow
+        p /= p.sum()
+        label = int(p.argmax())
+        return ClassifyOutput(label=label, class_name=model.contract["classes"][label],
+                              probabilities=[float(v) for v in p], model=model.tag)
+
+
+TrainToDeploy.add_asgi_middleware(RequestGuard, routes={
+    "/predict": JSON, "/predict_batch": JSON, "/classify": JSON, "/classify_png": PNG,
+})
+quiet_validation_errors()
+# The models the endpoints would serve now, as references: `bentoml build` records their tags in the
+# Bento, and `bentoml export` / `bentoml containerize` copy their files in. Only models that exist are
+# named, so an empty store still serves (with 503s) instead of failing to start.
+TrainToDeploy.models.extend(BentoModel(tag) for tag in registered_tags())
