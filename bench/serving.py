@@ -1,0 +1,118 @@
+"""Serving throughput and latency: our service against BentoML's floor, side by side, with wrk.
+
+    python bench/serving.py [--seconds 10] [--product runs/product/best.pt] [--classifier runs/fmnist_cnn/best.pt]
+
+Exports the two checkpoints into a temporary model store, starts `bentoml serve` for our service
+(serve.service) and for bench/floor_service.py (same endpoints, returns a constant) on 127.0.0.1,
+then runs wrk (`apt-get install wrk`) against each endpoint at 1 and 32 connections, the two
+services one after the other. Prints requests/s, p50/p99 latency and non-2xx answers per run, the
+ratio ours/floor of requests/s, and rows/s of /predict_batch (256 rows) over requests/s of /predict.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH_ROWS = 256
+
+
+def bodies() -> dict[str, str]:
+    rows = [[1 + (i % 9), 1 + ((i * 7) % 9) + 0.5] for i in range(BATCH_ROWS)]
+    image = [[(r * 28 + c) % 256 for c in range(28)] for r in range(28)]
+    return {"predict": json.dumps({"x1": 3.0, "x2": 4.0}), "predict_batch": json.dumps({"x": rows}),
+            "classify": json.dumps({"image": image})}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(service: str, cwd: Path, env: dict, log: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen(["bentoml", "serve", service, "--host", "127.0.0.1", "--port", str(port)], cwd=cwd,
+                            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
+                return proc, port
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    sys.exit(f"error: {service} did not become ready; log: {log}")
+
+
+def wrk(url: str, body: str, connections: int, seconds: float, tmp: Path) -> dict:
+    script = tmp / "post.lua"
+    script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
+                      'wrk.headers["Content-Type"] = "application/json"\n')
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]), "p50_ms": ms("50%"), "p99_ms": ms("99%"),
+            "non2xx": int(non2xx[1]) if non2xx else 0, "socket_errors": errors[1] if errors else ""}
+
+
+def register(checkpoints: list[Path], env: dict, tmp: Path) -> None:
+    for ckpt in checkpoints:
+        subprocess.run([sys.executable, "-m", "export", "--checkpoint", str(ckpt), "--out", str(tmp / ckpt.parent.name)],
+                       cwd=ROOT, env=env, check=True, capture_output=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=int, default=10, help="per wrk run (default: 10)")
+    p.add_argument("--product", type=Path, default=ROOT / "runs/product/best.pt")
+    p.add_argument("--classifier", type=Path, default=ROOT / "runs/fmnist_cnn/best.pt")
+    a = p.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("error: wrk not found; install it (apt-get install wrk)")
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+               "PYTHONPATH": str(ROOT)}
+        register([a.product, a.classifier], env, tmp)
+        results = {}
+        for name, service, cwd in (("ours", "serve.service:TrainToDeploy", ROOT),
+                                   ("floor", "floor_service:Floor", ROOT / "bench")):
+            proc, port = start(service, cwd, env, tmp / f"{name}.log")
+            try:
+                for endpoint, body in bodies().items():
+                    for c in (1, 32):
+                        r = wrk(f"http://127.0.0.1:{port}/{endpoint}", body, c, a.seconds, tmp)
+                        results[name, endpoint, c] = r
+                        print(f"{name:<6} /{endpoint:<14} c={c:<3} {r['rps']:9.1f} req/s  p50 {r['p50_ms']:7.2f} ms  "
+                              f"p99 {r['p99_ms']:7.2f} ms  non-2xx {r['non2xx']}  {r['socket_errors']}", flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+        print("\nours / floor requests/s:")
+        for endpoint in bodies():
+            for c in (1, 32):
+                print(f"  /{endpoint:<14} c={c:<3} {results['ours', endpoint, c]['rps'] / results['floor', endpoint, c]['rps']:.2f}")
+        for c in (1, 32):
+            rows = results["ours", "predict_batch", c]["rps"] * BATCH_ROWS
+            print(f"rows/s of /predict_batch ({BATCH_ROWS} rows) over /predict requests/s, c={c}: "
+                  f"{rows / results['ours', 'predict', c]['rps']:.0f}x")
+
+
+if __name__ == "__main__":
+    main()
