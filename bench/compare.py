@@ -1,7 +1,7 @@
 """Our training against the reference scripts, side by side in one process tree.
 
-    python bench/compare.py product [--repeats 3]
-    python bench/compare.py fashion-mnist [--repeats 1] [--epochs 5]
+    python bench/compare.py product [--repeats 3] [--config configs/product_fast.yaml]
+    python bench/compare.py fashion-mnist [--repeats 1] [--epochs 5] [--config configs/fashion_mnist_cnn.yaml]
 
 Each repeat runs the reference script and `python -m train` with the same settings as child
 processes, one after the other (order alternating between repeats so neither always runs on a
@@ -45,9 +45,10 @@ def reference_product(baselines: Path) -> dict:
     return {"train_s": float(m[1]), "wall_s": wall, "rss_mib": rss, "quality": float(m[3]), "mae": float(m[2])}
 
 
-def ours_product(tmp: Path) -> dict:
+def ours_product(tmp: Path, config: str, seed: int) -> dict:
     out_dir = tmp / "product"
-    _, wall, rss = run_child([sys.executable, "-m", "train", "--task", "product", "--out", str(out_dir)])
+    _, wall, rss = run_child([sys.executable, "-m", "train", "--config", config, "--run.seed", str(seed),
+                              "--out", str(out_dir)])
     s = json.loads((out_dir / "summary.json").read_text())
     return {"train_s": s["train_seconds"], "wall_s": wall, "rss_mib": rss, "quality": s["test"]["mre"],
             "mae": s["test"]["mae"]}
@@ -59,10 +60,10 @@ def reference_fmnist(baselines: Path, epochs: int) -> dict:
     return {"train_s": float(m[1]), "wall_s": wall, "rss_mib": rss, "quality": float(m[3])}
 
 
-def ours_fmnist(tmp: Path, epochs: int, config: str) -> dict:
+def ours_fmnist(tmp: Path, epochs: int, config: str, seed: int) -> dict:
     out_dir = tmp / "fmnist"
     _, wall, rss = run_child([sys.executable, "-m", "train", "--task", "fashion-mnist", "--config", config,
-                              "--epochs", str(epochs), "--out", str(out_dir)])
+                              "--epochs", str(epochs), "--run.seed", str(seed), "--out", str(out_dir)])
     s = json.loads((out_dir / "summary.json").read_text())
     return {"train_s": s["train_seconds"], "wall_s": wall, "rss_mib": rss, "quality": s["test"]["accuracy"]}
 
@@ -72,23 +73,25 @@ def main() -> None:
     p.add_argument("task", choices=["product", "fashion-mnist"])
     p.add_argument("--repeats", type=int, default=3, help="runs of each side (default: 3)")
     p.add_argument("--epochs", type=int, default=5, help="fashion-mnist epochs for both sides (default: 5)")
-    p.add_argument("--config", default="configs/mnist_mlp.yaml",
-                   help="our config for fashion-mnist (default: configs/mnist_mlp.yaml, the reference's MLP)")
+    p.add_argument("--config", help="our config (default: configs/product.yaml, or for fashion-mnist "
+                                     "configs/mnist_mlp.yaml: the reference's own settings)")
     p.add_argument("--baselines", type=Path, default=ROOT.parent / "shared" / "baselines",
                    help="folder of the reference scripts (default: ../shared/baselines)")
     args = p.parse_args()
+    config = args.config or ("configs/product.yaml" if args.task == "product" else "configs/mnist_mlp.yaml")
     quality = "test MRE %" if args.task == "product" else "test accuracy %"
-    print(f"task {args.task}, {args.repeats} repeats, cpu count {os.cpu_count()}; quality = {quality}")
+    print(f"task {args.task}, ours: {config} with --run.seed = repeat index, {args.repeats} repeats, "
+          f"cpu count {os.cpu_count()}; quality = {quality}")
     rows = {"reference": [], "ours": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             order = ["reference", "ours"] if i % 2 == 0 else ["ours", "reference"]
             for side in order:
                 if args.task == "product":
-                    r = reference_product(args.baselines) if side == "reference" else ours_product(Path(tmp))
+                    r = reference_product(args.baselines) if side == "reference" else ours_product(Path(tmp), config, i)
                 else:
                     r = reference_fmnist(args.baselines, args.epochs) if side == "reference" else \
-                        ours_fmnist(Path(tmp), args.epochs, args.config)
+                        ours_fmnist(Path(tmp), args.epochs, config, i)
                 rows[side].append(r)
                 print(f"  {side:<9} train_s {r['train_s']:7.2f}  wall_s {r['wall_s']:7.2f}  "
                       f"peak_rss_mib {r['rss_mib']:7.0f}  quality {r['quality']:.3f}", flush=True)
