@@ -11,9 +11,20 @@ JSON endpoint. Which models are served and how to pin them: `serve.store`. Input
 `serve.validate`. Size and content-type limits: `serve.limits`.
 
 Errors are JSON with an "error" message: 400 for a body that does not validate (BentoML's answer
-to a pydantic error, with a "detail" list) or is not a PNG, 413 too big, 415 wrong Content-Type,
-422 for a PNG of the wrong size or mode and for a model output that is not finite, 503 when the
-endpoint's model is missing or broken (the message says how to train and export it).
+to a pydantic error, with a "detail" list) or is not a PNG, 405 a method but POST, 413 too big, 415
+wrong Content-Type, 422 for a PNG of the wrong size or mode and for a model output that is not
+finite, 429 more than MAX_CONCURRENCY requests in flight, 503 when the endpoint's model is missing
+or broken (the message says how to train and export it), 504 no answer begun within TIMEOUT_S.
+
+Readiness: nothing answers, /livez and /readyz included, until __init__ has loaded the models
+(BentoML's arbiter holds the listening socket from the start, so a connection opens and waits).
+Then /readyz is 200, unless a model this server was told to serve (the newest registered, a pinned
+tag, a Bento's own) failed to load: then it stays 503, so a rolling deployment keeps the old
+servers; the log's ERROR line says why, and the other task's endpoints still answer. A task with
+nothing registered does not hold readiness back: its endpoints answer 503 with how to fill it.
+
+Limits (`serve.limits`) can be changed without editing code, through BentoML's configuration:
+    BENTOML_CONFIG_OVERRIDES='{"services": {"TrainToDeploy": {"traffic": {"max_concurrency": 64, "timeout": 10}}}}'
 
 No adaptive batching: one of these models answers a request in microseconds, far below what
 HTTP and JSON cost per request, so there is nothing for a batch to amortize, and BentoML's
@@ -29,10 +40,10 @@ from bentoml.models import BentoModel
 from bentoml.validators import ContentType
 from starlette.responses import JSONResponse
 
-from serve.limits import JSON, PNG, RequestGuard
+from serve.limits import JSON, MAX_CONCURRENCY, PNG, TIMEOUT_S, RequestGuard, mend_bentoml_timeout
 from serve.store import SLOTS, OnnxModel, load_slot, registered_tags
 from serve.validate import (ClassifyInput, ClassifyOutput, InputError, PredictBatchInput, PredictBatchOutput,
-                            PredictInput, PredictOutput, png_pixels, quiet_validation_errors)
+                            PredictInput, PredictOutput, check_unique_keys, png_pixels, quiet_validation_errors)
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -43,24 +54,29 @@ def error(status: int, message: str) -> JSONResponse:
 
 # One worker process: a request is about 2 ms of Python HTTP and JSON work around 15-70 us of
 # onnxruntime, and this project's machines have 2 shared cores; on a bigger machine, more workers
-# scale with the cores. A request takes milliseconds, so the 30 s timeout (BentoML's default is 60)
-# only bounds a stuck one.
-@bentoml.service(workers=1, traffic={"timeout": 30})
+# scale with the cores (BentoML splits max_concurrency between them). The limits: `serve.limits`.
+@bentoml.service(workers=1, traffic={"timeout": TIMEOUT_S, "max_concurrency": MAX_CONCURRENCY})
 class TrainToDeploy:
     def __init__(self) -> None:
         # Served from a built Bento: the model tags it was built with (`bento` is set once BentoML loads one).
         bento = TrainToDeploy.bento
         packed = [str(m.tag) for m in bento.info.all_models] if bento is not None else None
         # A slot without a usable model is None with the reason; its endpoints answer 503 with it.
-        self.product, self.product_error = load_slot(SLOTS["product"], packed)
-        self.classifier, self.classifier_error = load_slot(SLOTS["classifier"], packed)
+        self.product, self.product_error, product_ok = load_slot(SLOTS["product"], packed)
+        self.classifier, self.classifier_error, classifier_ok = load_slot(SLOTS["classifier"], packed)
+        self.ready = product_ok and classifier_ok
+
+    async def __is_ready__(self) -> bool:
+        """/readyz: False (503) while a model that should be served is broken; see the module docstring."""
+        return self.ready
 
     @bentoml.api
     def predict(self, body: PredictInput, /) -> PredictOutput:
         """X1*X2 for one pair; `extrapolated` is true when an input is outside the training range."""
-        if self.product is None:
-            return error(503, self.product_error)
         try:
+            check_unique_keys(body)
+            if self.product is None:
+                return error(503, self.product_error)
             y, extrapolated = self._regress(np.array([[body.x1, body.x2]], dtype=np.float32))
         except InputError as e:
             return error(e.status, str(e))
@@ -69,9 +85,10 @@ class TrainToDeploy:
     @bentoml.api
     def predict_batch(self, body: PredictBatchInput, /) -> PredictBatchOutput:
         """X1*X2 for each row of `x`, in order."""
-        if self.product is None:
-            return error(503, self.product_error)
         try:
+            check_unique_keys(body)
+            if self.product is None:
+                return error(503, self.product_error)
             y, extrapolated = self._regress(np.array(body.x, dtype=np.float32))
         except InputError as e:
             return error(e.status, str(e))
@@ -80,9 +97,10 @@ class TrainToDeploy:
     @bentoml.api
     def classify(self, body: ClassifyInput, /) -> ClassifyOutput:
         """The class of one 28x28 image given as rows of pixel values 0..255."""
-        if self.classifier is None:
-            return error(503, self.classifier_error)
         try:
+            check_unique_keys(body)
+            if self.classifier is None:
+                return error(503, self.classifier_error)
             return self._classify(np.array(body.image, dtype=np.float32))
         except InputError as e:
             return error(e.status, str(e))
@@ -125,6 +143,7 @@ class TrainToDeploy:
 TrainToDeploy.add_asgi_middleware(RequestGuard, routes={
     "/predict": JSON, "/predict_batch": JSON, "/classify": JSON, "/classify_png": PNG,
 })
+mend_bentoml_timeout()  # BentoML's 504 timer, without the memory it holds after each request
 quiet_validation_errors()
 # The models the endpoints would serve now, as references: `bentoml build` records their tags in the
 # Bento, and `bentoml export` / `bentoml containerize` copy their files in. Only models that exist are

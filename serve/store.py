@@ -12,19 +12,34 @@ built Bento serves the models it was built with (the tags in its bento.yaml), no
 newest in the store where it runs.
 
 A slot that has no model, or whose model fails to load, becomes a one-line reason that its
-endpoints answer with 503; the other slot serves regardless.
+endpoints answer with 503; the other slot serves regardless. A model that fails to load also keeps
+/readyz at 503 (`serve.service`); a slot with nothing registered does not.
+
+Only plain files of the model's own folder are read: a model.onnx or contract.json that is a
+symbolic link (or a FIFO, a device...) is refused, and so is a model.onnx with any tensor whose data
+lives in an external file. `python -m export` writes self-contained files, so refusing all external
+data is the simplest rule that is safe whatever the onnxruntime version: a `location` such as
+"../../.ssh/id_rsa" or an absolute path would make a loader read a file outside the model store.
+(onnxruntime 1.32 itself refuses locations that leave the model's folder, links included; it loads a
+model.onnx that is a link, and data files inside the folder.) The graph is parsed with onnx, without
+its external data, so a refused `location` is never opened; onnxruntime then loads the very bytes
+that were checked, so the file cannot change in between.
 """
 
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import bentoml
 import numpy as np
+import onnx
 import onnxruntime as ort
 from bentoml.exceptions import NotFound
+from google.protobuf.message import DecodeError
+from onnx.external_data_helper import uses_external_data
 
 # Under "bentoml": the server configures that logger at INFO with its handler; the root logger shows warnings only.
 logger = logging.getLogger("bentoml.train_to_deploy")
@@ -130,15 +145,15 @@ def load(slot: Slot, packed: list[str] | None = None) -> OnnxModel:
     model = find(slot, packed)
     tag = str(model.tag)
     try:
-        with open(model.path_of(CONTRACT_FILE)) as f:
-            contract = json.load(f)
+        contract = json.loads(read_plain_file(model.path_of(CONTRACT_FILE)))
         _check_contract(slot, contract)
+        graph = read_self_contained_onnx(model.path_of(ONNX_FILE))
         options = ort.SessionOptions()
         # One thread per run: these models take 15-250 us, and a second thread made them slower here
         # (the CNN at batch 1: 213 us with 1 thread, 282 us with 2, on 2 shared cores).
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
-        session = ort.InferenceSession(model.path_of(ONNX_FILE), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         loaded = OnnxModel(tag, contract, session, contract["inputs"][0]["name"], contract["outputs"][0]["name"])
         # One real run now, so a graph that does not match its contract fails here, not on a request.
         out = loaded.run(np.ones((2, *slot.input_shape), dtype=np.float32))
@@ -151,16 +166,78 @@ def load(slot: Slot, packed: list[str] | None = None) -> OnnxModel:
     return loaded
 
 
-def load_slot(slot: Slot, packed: list[str] | None = None) -> tuple[OnnxModel | None, str | None]:
-    """The opened model, or None and the reason its endpoints give; logs either way."""
+def load_slot(slot: Slot, packed: list[str] | None = None) -> tuple[OnnxModel | None, str | None, bool]:
+    """The opened model, or None and the reason its endpoints give; logs either way. The last item is
+    False when the slot should serve a model and cannot (broken files, a wrong pin): not ready."""
     try:
         model = load(slot, packed)
     except ModelError as e:
         log = logger.warning if isinstance(e, NoModelError) else logger.error
         log("%s endpoints unavailable: %s%s", slot.name, e, f"\n  reason: {e.detail}" if e.detail else "")
-        return None, str(e)
+        return None, str(e), isinstance(e, NoModelError)
     logger.info("%s endpoints serve %s", slot.name, model.tag)
-    return model, None
+    return model, None, True
+
+
+def read_plain_file(path: str) -> bytes:
+    """The bytes of `path`, which must be a regular file, not a symbolic link (nor a FIFO, whose open
+    would block). Opened without following links, then checked, so a link swapped in is refused too."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        if os.path.islink(path):  # O_NOFOLLOW on a link: ELOOP
+            raise ValueError(f"{os.path.basename(path)} is a symbolic link (to {os.readlink(path)}); "
+                             f"the model store holds plain files only") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"{os.path.basename(path)} is not a regular file")
+        return f.read()
+
+
+def read_self_contained_onnx(path: str) -> bytes:
+    """The bytes of the ONNX file at `path`, after checking that no tensor keeps its data elsewhere.
+
+    The graph is parsed without loading external data, so a refused file's `location` is never opened."""
+    data = read_plain_file(path)
+    try:
+        graph = onnx.load_from_string(data)
+    except DecodeError as e:
+        raise ValueError(f"{os.path.basename(path)} is not an ONNX model ({e})") from None
+    external = [t for t in _tensors(graph) if uses_external_data(t)]
+    if external:
+        where = sorted({entry.value for t in external for entry in t.external_data if entry.key == "location"})
+        raise ValueError(f"{os.path.basename(path)} refused: {len(external)} tensor(s) keep their data in external "
+                         f"file(s) {where}, not read; serve self-contained files, as `python -m export` writes")
+    return data
+
+
+def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in the model: initializers (dense and sparse) and node attributes, in the main
+    graph, its subgraphs (If, Loop, Scan bodies) and its local functions."""
+
+    def in_graph(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        for node in graph.node:
+            yield from in_node(node)
+
+    def in_node(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+        for attr in node.attribute:
+            tensors = [attr.t] if attr.HasField("t") else []
+            sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+            graphs = [attr.g] if attr.HasField("g") else []
+            yield from [*tensors, *attr.tensors]
+            for s in [*sparse, *attr.sparse_tensors]:
+                yield from (s.values, s.indices)
+            for graph in [*graphs, *attr.graphs]:
+                yield from in_graph(graph)
+
+    yield from in_graph(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from in_node(node)
 
 
 def registered_tags() -> list[str]:

@@ -5,7 +5,10 @@ BentoML parses each JSON body into these models with pydantic and answers a fail
 be a finite number", "type": "finite_number", ...}]}`. Strict models make that the answer for every
 malformed body: a string or a bool where a number belongs, a missing or an extra field, a row of 4
 numbers where 2 belong (never silently reshaped), NaN, Infinity, a number that overflows float32,
-too many rows, an empty or non-JSON body.
+too many rows, an empty or non-JSON body, JSON nested deeper than 200 levels (pydantic's parser
+stops there, so 100,000 `[` are a fast 400, not a RecursionError). A body that names a field twice is
+a 400 too (`check_unique_keys`): a JSON parser keeps the last of duplicate keys, and another parser
+on the way (a proxy, a log reader) may keep the first.
 """
 
 import io
@@ -17,7 +20,7 @@ import numpy as np
 from PIL import Image
 from pydantic import AfterValidator, ConfigDict, Field, ValidationError
 
-from serve.limits import MAX_ROWS
+from serve.limits import MAX_ROWS, body_quotes
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # about 3.4e38
 IMAGE_SIDE = 28
@@ -98,6 +101,20 @@ class InputError(Exception):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+def check_unique_keys(body: Strict) -> None:
+    """InputError (400) if the JSON body behind `body`, which validated, named one of its fields twice.
+
+    Counted, not parsed again: a body that validated holds no string but its keys (every value is a
+    number or a list of numbers, no object is nested), and no field name contains a quote, so it has
+    exactly two '"' bytes per key; more than two per field means a key was repeated. (A string field
+    added to these models would break that count: valid requests would get this 400 and the tests fail.)
+    """
+    quotes = body_quotes.get()  # None outside an HTTP request (and for PNG bodies)
+    fields = type(body).model_fields
+    if quotes is not None and quotes > 2 * len(fields):
+        raise InputError(f"the body names a field more than once; send each of {', '.join(fields)} exactly once")
 
 
 def png_pixels(data: bytes) -> np.ndarray:

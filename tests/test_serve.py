@@ -4,7 +4,9 @@
 Every answer is checked against the eager PyTorch model of the same checkpoint (the service runs
 onnxruntime and never imports torch). Every kind of bad request gets a 4xx JSON error and the
 server keeps serving. An empty store answers 503 with the commands that fill it; a broken model
-takes down only its own endpoints; `bentoml build` makes a Bento that serves the models it names.
+takes down only its own endpoints (and readiness); `bentoml build` makes a Bento that serves the
+models it names. Helpers and the exported store: `serving`. Overload, timeouts, shutdown, unsafe
+artifacts, fuzzing and a load test: `test_serve_reliability`.
 
 The store holds good product and fashion-mnist exports and, registered after them, a product model
 whose weights are scaled up 1e4-fold per layer (its outputs overflow float32 on large inputs) and an
@@ -13,138 +15,26 @@ T2D_CLASSIFIER_MODEL); a second server, without pins, serves the newest: the lou
 broken classifier.
 """
 
-import http.client
 import json
-import os
 import pickle
-import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import PRODUCT, REPO, class_images, train, write_image_set
-from PIL import Image
+from conftest import REPO, class_images
+from serving import Server, copy_store, entry_folder, env_for, exported, image_with, png, python, softmax
 
 from models.checkpoint import load_checkpoint, predictor_from_checkpoint
 from serve.limits import MAX_BODY_BYTES, MAX_ROWS
 
 TRAIN_RANGE = (1.0, 10.0)  # [low, high) of X1 and X2 in training; outside it is "extrapolated"
 ATOL = 1e-4  # end-to-end parity with the eager model, raw units
-
-
-# --- helpers: processes, HTTP ------------------------------------------------------------------
-
-def env_for(home: Path, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("T2D_")}
-    env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **extra)
-    return env
-
-
-def python(code: str, home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env_for(home, **env),
-                          capture_output=True, text=True, timeout=120)
-
-
-@dataclass
-class Reply:
-    status: int
-    content_type: str
-    body: bytes
-
-    @property
-    def json(self):
-        return json.loads(self.body)
-
-
-class Server:
-    """`bentoml serve` on a free 127.0.0.1 port, in its own process group, logging to a file."""
-
-    def __init__(self, home: Path, log: Path, target: tuple[str, ...] = (), **env: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.log_path = log
-        with open(log, "w") as f:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", *target, "--host", "127.0.0.1",
-                 "--port", str(self.port)], cwd=REPO, env=env_for(home, **env), stdout=f, stderr=subprocess.STDOUT,
-                start_new_session=True)
-
-    def wait_ready(self, deadline_s: float = 90) -> "Server":
-        end = time.monotonic() + deadline_s
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if self.get("/readyz").status == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        pytest.fail(f"bentoml serve not ready after {deadline_s} s:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the group: the arbiter and its worker processes
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def request(self, method: str, path: str, body=None, headers: dict | None = None) -> Reply:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            try:
-                conn.request(method, path, body, headers or {})
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the server may answer (413) and close before reading all we send; its answer still counts
-            r = conn.getresponse()
-            return Reply(r.status, r.getheader("Content-Type", ""), r.read())
-        finally:
-            conn.close()
-
-    def get(self, path: str) -> Reply:
-        return self.request("GET", path)
-
-    def post(self, path: str, body, content_type: str | None = "application/json", **headers: str) -> Reply:
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body)
-        if content_type is not None:
-            headers["Content-Type"] = content_type
-        return self.request("POST", path, body, headers)
-
-    def expect(self, reply: Reply, status: int):
-        """The reply's JSON, after checking its status; the server log's tail tells why when it differs."""
-        assert reply.status == status, (f"expected {status}, got {reply.status} {reply.body[:400]!r}\n"
-                                        f"--- server log (last 4000 chars) ---\n{self.log()[-4000:]}")
-        assert reply.content_type.startswith("application/json"), reply.content_type
-        return reply.json
-
-
-def png(pixels: np.ndarray, mode: str = "L") -> bytes:
-    buf = BytesIO()
-    Image.fromarray(np.asarray(pixels, dtype=np.uint8), "L").convert(mode).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 # --- fixtures ----------------------------------------------------------------------------------
@@ -184,32 +74,17 @@ print(m.tag)
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Store:
-    """Tiny product and fashion-mnist models, trained here, exported and registered by `python -m export`."""
+    """Tiny product and fashion-mnist models exported by `python -m export` (`serving.exported`), in this
+    module's copy of the store, and the newer loud product and broken mnist entries."""
+    base = exported(tmp_path_factory)
     root = tmp_path_factory.mktemp("serve")
-    home = root / "bentoml"
-
-    def export(task: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "export", "--format", "all", "--checkpoint",
-                                 str(root / task / "best.pt"), "--out", str(root / task / "export")],
-                                cwd=REPO, env=env_for(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    # Each export runs in the background while the next model trains here.
-    train([*PRODUCT, "--epochs", "3"], root / "product")
-    exports = {"product": export("product")}
-    data = write_image_set(root / "idx")
-    train(["--task", "fashion-mnist", "--data-dir", str(data), "--data.download", "false", "--data.val_size", "50",
-           "--data.batch_size", "50", "--epochs", "2"], root / "fashion-mnist")
-    exports["fashion-mnist"] = export("fashion-mnist")
-    tags = {}
-    for task, proc in exports.items():
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"python -m export failed for {task}:\n{out}"
-        tags[task] = f"{task}:{(home / 'models' / task / 'latest').read_text().strip()}"
+    home = copy_store(base, root / "bentoml")
+    tags = dict(base.tags)
     for name, code, source in (("mnist", BROKEN_MNIST, "fashion-mnist"), ("loud", LOUD_PRODUCT, "product")):
-        made = python(code, home, str(home / "models" / source / tags[source].split(":")[1]))
+        made = python(code, home, str(entry_folder(home, tags[source])))
         assert made.returncode == 0, made.stderr
         tags[name] = made.stdout.strip().splitlines()[-1]
-    ckpts = {task: load_checkpoint(root / task / "best.pt") for task in ("product", "fashion-mnist")}
+    ckpts = {task: load_checkpoint(base.root / task / "best.pt") for task in ("product", "fashion-mnist")}
     return Store(home, root, tags, {task: predictor_from_checkpoint(c) for task, c in ckpts.items()},
                  list(ckpts["fashion-mnist"]["classes"]))
 
@@ -228,9 +103,10 @@ def server(store):
 
 @pytest.fixture(scope="module")
 def newest(store):
-    """No pins: the newest of each name, the loud product and the broken mnist."""
+    """No pins: the newest of each name, the loud product and the broken mnist. Never ready (the mnist
+    is broken), so waited for on /livez."""
     srv = Server(store.home, store.root / "serve-newest.log")
-    yield srv.wait_ready()
+    yield srv.wait_ready(path="/livez")
     srv.stop()
 
 
@@ -303,12 +179,6 @@ def test_classify_png_matches_eager(server, store, mode):
 
 
 # --- bad requests: 4xx JSON, and the server keeps serving --------------------------------------
-
-def image_with(value) -> dict:
-    image = [[0] * 28 for _ in range(28)]
-    image[5][7] = value
-    return {"image": image}
-
 
 _noise = np.random.default_rng(1).integers(0, 256, size=(28, 28))
 BAD = {
@@ -444,7 +314,7 @@ def test_newest_models_are_served_without_pins(newest, store):
     log = newest.log()
     assert f"product endpoints serve {store.tags['loud']}" in log
     assert "[ERROR]" in log and f"classifier endpoints unavailable: model {store.tags['mnist']}" in log, log
-    assert "reason: [ONNXRuntimeError]" in log  # the log says why; the 503 does not show server paths
+    assert "reason: model.onnx is not an ONNX model" in log  # the log says why; the 503 does not show server paths
 
 
 def test_broken_model_takes_down_only_its_endpoints(newest, store):
@@ -452,6 +322,8 @@ def test_broken_model_takes_down_only_its_endpoints(newest, store):
     assert f"model {store.tags['mnist']} in the model store cannot be served" in error, error
     assert "python -m export" in error and str(store.home) not in error
     assert newest.expect(newest.post("/predict", {"x1": 3, "x2": 4}), 200)["model"] == store.tags["loud"]
+    # Alive, and not ready: a rolling deployment would keep the servers it was replacing.
+    assert newest.get("/livez").status == 200 and newest.get("/readyz").status == 503
 
 
 def test_non_finite_output_is_an_error_not_null(newest, store):
