@@ -67,7 +67,8 @@ def test_model_overrides(argv, field, value):
 
 def test_changing_arch_starts_from_its_defaults():
     cfg, _ = parse_args(["--task", "mnist", "--model.arch", "cnn", "--model.channels", "8,16,16"])
-    assert cfg.model == {"arch": "cnn", "channels": [8, 16, 16], "num_classes": 10, "dropout": 0.2}
+    assert cfg.model == {"arch": "cnn", "channels": [8, 16, 16], "num_classes": 10, "dropout": 0.2,
+                         "activation": "relu", "convs_per_block": [1, 1, 1], "pool_first": False}
 
 
 @pytest.mark.parametrize("argv, flag_value", [
@@ -99,6 +100,8 @@ def test_booleans(argv, flag_value):
     (["--task", "mnist", "--model.arch", "product_mlp"], "does not fit task 'mnist'"),
     (["--model.arch", "resnet"], "unknown model.arch 'resnet'"),
     (["--model.dropout", "1.5"], "model.dropout must be in [0, 1)"),
+    (["--optim.label_smoothing", "1"], "optim.label_smoothing must be in [0, 1)"),
+    (["--task", "mnist", "--model.arch", "cnn", "--model.activation", "tanh"], "model.activation must be one of"),
     (["--task", "mnist", "--stop.monitor", "mse"], "stop.monitor must be one of loss, accuracy"),
     (["--optim.lr"], "--optim.lr needs a value"),
     (["stray"], "unexpected argument 'stray'"),

@@ -40,6 +40,57 @@ def test_model_config_options_change_the_network():
     assert cnn.fc.in_features == 6 * 3 * 3 and cnn.fc.out_features == 3
 
 
+def test_default_cnn_keeps_its_layers_and_state_dict_keys():
+    """Checkpoints of the original CNN (conv, BatchNorm, ReLU, pool per block) must still load."""
+    net = models.build_predictor("cnn").net
+    for block in net.features:
+        assert [type(m) for m in block] == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.MaxPool2d]
+    assert {k for k in net.state_dict() if k.startswith("features.0.")} == {
+        "features.0.0.weight", "features.0.1.weight", "features.0.1.bias", "features.0.1.running_mean",
+        "features.0.1.running_var", "features.0.1.num_batches_tracked"}
+
+
+def test_cnn_block_options():
+    base = models.build_predictor("cnn").net
+    pool_first = models.build_predictor("cnn", {"pool_first": True}).net
+    # The same parameters in another order: max-pool straight after the conv, BatchNorm and ReLU after it.
+    assert sum(p.numel() for p in pool_first.parameters()) == sum(p.numel() for p in base.parameters())
+    assert [type(m) for m in pool_first.features[0]] == [torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.BatchNorm2d,
+                                                         torch.nn.ReLU]
+    deep = models.build_predictor("cnn", {"channels": [4, 6, 8], "convs_per_block": [1, 2, 3],
+                                          "activation": "gelu", "pool_first": True}).net
+    convs = [[(m.in_channels, m.out_channels) for m in block if isinstance(m, torch.nn.Conv2d)]
+             for block in deep.features]
+    assert convs == [[(1, 4)], [(4, 6), (6, 6)], [(6, 8), (8, 8), (8, 8)]]
+    assert sum(isinstance(m, torch.nn.GELU) for m in deep.modules()) == 6
+    assert not any(isinstance(m, torch.nn.ReLU) for m in deep.modules())
+    # pooling comes once per block, after the block's last conv
+    assert [type(m) for m in deep.features[2]][-4:] == [torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.BatchNorm2d,
+                                                        torch.nn.GELU]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in deep.modules()) == 3
+
+
+@pytest.mark.parametrize("options", [
+    {"activation": "silu"},
+    {"activation": "gelu", "convs_per_block": [1, 1, 2], "pool_first": True},
+])
+def test_cnn_options_train_a_step_and_round_trip(tmp_path, options):
+    torch.manual_seed(0)
+    model = models.build_predictor("cnn", {"channels": [4, 6, 8], **options})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.rand(16, 1, 28, 28) * 255, torch.randint(0, 10, (16,))
+    before = torch.nn.functional.cross_entropy(model(x), y)
+    before.backward()
+    opt.step()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.net.parameters())
+    model.eval()
+    save_checkpoint({"task": "mnist", "arch": "cnn", "model_config": {"channels": [4, 6, 8], **options},
+                     "state_dict": model.state_dict(), "epoch": 1}, tmp_path / "m.pt")
+    rebuilt = predictor_from_checkpoint(load_checkpoint(tmp_path / "m.pt"))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+
+
 @pytest.mark.parametrize("arch, values", [
     ("product_mlp", {"hidden": []}),
     ("product_mlp", {"hidden": [8, 0]}),
@@ -50,6 +101,9 @@ def test_model_config_options_change_the_network():
     ("cnn", {"channels": [8, 8]}),
     ("cnn", {"dropout": -0.1}),
     ("cnn", {"widths": [8, 8, 8]}),  # unknown key
+    ("cnn", {"activation": "tanh"}),
+    ("cnn", {"convs_per_block": [1, 1]}),
+    ("cnn", {"convs_per_block": [1, 0, 1]}),
 ])
 def test_bad_model_config_is_a_value_error(arch, values):
     with pytest.raises(ValueError):

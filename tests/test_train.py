@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from conftest import PRODUCT, assert_same_weights, history, state, train, write_image_set
 
@@ -19,10 +20,11 @@ import models
 from models.checkpoint import load_checkpoint, predictor_from_checkpoint
 from train.config import ConfigError
 from train.data import image_data, product_data
-from train.engine import evaluate
+from train.engine import evaluate, loss_fn
 from train.main import main, parse_args
 from train.optim import build_optimizer, build_scheduler
-from train.runtime import Runtime
+from train import runtime
+from train.runtime import Runtime, pick_precision
 
 CPU = Runtime(torch.device("cpu"), "fp32")
 
@@ -283,6 +285,59 @@ def test_scheduler_runs_and_its_state_round_trips(tmp_path, name, extra, used_lr
 
 def net_params(path: Path) -> torch.Tensor:
     return torch.cat([v.flatten() for k, v in state(path).items() if k.startswith("net.")])
+
+
+def test_label_smoothing_loss():
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 10), torch.randint(0, 10, (6,))
+    logp = logits.log_softmax(1)
+    # 0.9 of the target's mass on the label, 0.1 spread evenly over the 10 classes
+    expected = (0.9 * -logp[torch.arange(6), y] + 0.1 * -logp.mean(1)).mean()
+    assert torch.allclose(loss_fn(False, 0.1)(logits, y), expected)
+    assert torch.allclose(loss_fn(False)(logits, y), -logp[torch.arange(6), y].mean())
+    assert loss_fn(False, 0.0) is F.cross_entropy and loss_fn(True, 0.1) is F.mse_loss
+
+
+def test_label_smoothing_changes_only_the_training_loss(tmp_path, image_dir):
+    # One batch from the same initial weights: the reported training loss is that batch's loss.
+    args = [*image_args(image_dir, "fashion-mnist", "cnn"), "--epochs", "1", "--run.max_batches", "1"]
+    train(args, tmp_path / "plain")
+    train([*args, "--optim.label_smoothing", "0.2"], tmp_path / "smooth")
+    (plain,), (smooth,) = history(tmp_path / "plain"), history(tmp_path / "smooth")
+    assert plain["train_loss"] != smooth["train_loss"]
+    assert math.isfinite(smooth["train_loss"]) and math.isfinite(smooth["val_loss"])
+    # validation reports the plain cross-entropy of the trained model
+    model = predictor_from_checkpoint(load_checkpoint(tmp_path / "smooth" / "last.pt"))
+    data = image_data("fashion-mnist", str(image_dir), False, 50, 0)
+    with torch.no_grad():
+        val_loss = F.cross_entropy(model(data.val_x).double(), data.val_y).item()
+    assert math.isclose(val_loss, smooth["val_loss"], rel_tol=1e-5)
+
+
+def test_cpu_bf16_precision_rules(monkeypatch):
+    cpu = torch.device("cpu")
+    assert pick_precision("auto", cpu) == "fp32"  # auto never picks bf16 on CPU
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        pick_precision("bf16", cpu, regression=True)  # 3 significant digits: too coarse for the product task
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        pick_precision("fp16", cpu)
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: True)
+    assert pick_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(runtime, "cpu_bf16_supported", lambda: False)
+    with pytest.raises(ConfigError, match="needs native bf16 instructions"):
+        pick_precision("bf16", cpu)
+
+
+@pytest.mark.skipif(not runtime.cpu_bf16_supported(), reason="this CPU has no native bf16")
+def test_image_cnn_trains_in_bf16_on_cpu(tmp_path, image_dir):
+    summary = train([*image_args(image_dir, "fashion-mnist", "cnn"), "--epochs", "3", "--precision", "bf16"],
+                    tmp_path)
+    h = history(tmp_path)
+    assert summary["precision"] == "bf16"
+    assert h[-1]["train_loss"] < 0.6 * h[0]["train_loss"]
+    # the weights stay float32: the checkpoint rebuilds a plain fp32 model
+    ckpt = load_checkpoint(tmp_path / "best.pt")
+    assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt["state_dict"].values())
 
 
 def test_gradient_clipping_bounds_each_step(tmp_path):

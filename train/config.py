@@ -16,7 +16,7 @@ import yaml
 import models
 
 TASKS = ("product", "mnist", "fashion-mnist")
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "lbfgs")
 SCHEDULERS = ("none", "step", "cosine", "plateau", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -41,11 +41,16 @@ class RunConfig:
     """auto (cuda, then mps, then cpu) | cpu | cuda | mps."""
     precision: str = "auto"
     """auto (bf16 autocast on CUDA where supported for images; fp32 for product and off CUDA) | fp32 |
-    bf16 | fp16 (CUDA, with GradScaler)."""
+    bf16 (CUDA; also CPU for images, where the CPU has native bf16: AVX512-BF16 or AMX) | fp16 (CUDA,
+    with GradScaler)."""
     folds: int = 1
     """k-fold cross-validation when > 1: trains `folds` models on the training data and reports mean and std."""
     max_batches: int = 0
     """Stop each epoch after this many batches; 0 = the whole epoch (smoke tests and dry runs)."""
+    threads: int = 0
+    """CPU threads for torch's operators; 0 = torch's default (one per core). 1 suits tiny models like
+    the product MLP, which gain nothing from a second thread and, on a busy machine, lose much
+    waiting for it: a 0.5 s run took 6-18 s with 2 threads on 2 shared cores (measured)."""
 
     def check(self):
         _choice("run.task", self.task, TASKS)
@@ -54,6 +59,7 @@ class RunConfig:
         _at_least("run.epochs", self.epochs, 1)
         _at_least("run.folds", self.folds, 1)
         _at_least("run.max_batches", self.max_batches, 0)
+        _at_least("run.threads", self.threads, 0)
 
 
 @dataclass
@@ -92,9 +98,10 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "adam"
-    """sgd | adam | adamw | rmsprop | adagrad."""
+    """sgd | adam | adamw | rmsprop | adagrad | lbfgs (full-batch quasi-Newton: one batch of the whole
+    training set, `data.batch_size` = `data.size`, and `lr` 1; one process, no clipping or weight decay)."""
     lr: float = 1e-3
-    """Learning rate (the peak rate for onecycle)."""
+    """Learning rate (the peak rate for onecycle; lbfgs: the scale of its line search's first trial step)."""
     weight_decay: float = 0.0
     momentum: float = 0.9
     """sgd and rmsprop only."""
@@ -102,6 +109,13 @@ class OptimConfig:
     """sgd only."""
     clip_grad_norm: float = 0.0
     """Clip the global gradient norm to this value; 0 = no clipping."""
+    label_smoothing: float = 0.0
+    """Images: cross-entropy against targets with this share of the mass spread over all classes
+    (0 = one-hot; 0.1 is typical). Training loss only; validation and test report the plain one."""
+    max_iter: int = 20
+    """lbfgs only: iterations per optimizer step, i.e. per batch (each evaluates the loss about 1.2 times)."""
+    history_size: int = 20
+    """lbfgs only: past updates kept for its curvature estimate (more: better steps, slower iterations)."""
 
     def check(self):
         _choice("optim.name", self.name, OPTIMIZERS)
@@ -109,6 +123,15 @@ class OptimConfig:
         _at_least("optim.weight_decay", self.weight_decay, 0.0)
         _at_least("optim.momentum", self.momentum, 0.0)
         _at_least("optim.clip_grad_norm", self.clip_grad_norm, 0.0)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _at_least("optim.max_iter", self.max_iter, 1)
+        _at_least("optim.history_size", self.history_size, 1)
+        if self.name == "lbfgs":
+            # torch's LBFGS has no weight decay, and clipping would change the gradients its line search trusts.
+            for key in ("weight_decay", "clip_grad_norm"):
+                if getattr(self, key):
+                    raise ConfigError(f"optim.{key} does not apply to optim.name lbfgs; set it to 0")
 
 
 @dataclass
@@ -168,10 +191,14 @@ class LogConfig:
     """Progress bar over batches when the console is a terminal."""
     print_every: int = 1
     """Epochs between console summary lines (the first and last epoch always print)."""
+    checkpoint_every_s: float = 5.0
+    """Write last.pt and best.pt at most this often (seconds), and always at the end, also after an error
+    or Ctrl-C; epochs in between wait in memory. 0 = after every epoch (each write costs 3-10 ms)."""
 
     def check(self):
         _at_least("log.histograms", self.histograms, 0)
         _at_least("log.print_every", self.print_every, 1)
+        _at_least("log.checkpoint_every_s", self.checkpoint_every_s, 0.0)
 
 
 SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "sched": SchedConfig,
@@ -221,6 +248,8 @@ class Config:
         _choice("stop.monitor", self.stop.monitor, MONITORS[kind])
         if models.is_regression(self.arch) != (kind == "product"):
             raise ConfigError(f"model.arch {self.arch!r} does not fit task {self.run.task!r}")
+        if self.optim.name == "lbfgs" and self.run.precision == "fp16":
+            raise ConfigError("optim.name lbfgs cannot run with run.precision fp16 (GradScaler takes no closure)")
         return self
 
 

@@ -1,5 +1,6 @@
 """The training step, the epoch loop and evaluation: plain functions with explicit arguments."""
 
+import functools
 import math
 
 import torch
@@ -17,13 +18,30 @@ class NonFiniteLossError(Exception):
     """The training loss became NaN or inf."""
 
 
-def loss_fn(regression: bool):
-    return F.mse_loss if regression else F.cross_entropy
+def loss_fn(regression: bool, label_smoothing: float = 0.0):
+    """The training loss. Classifiers: cross-entropy against targets that put `label_smoothing`
+    of their mass evenly on all classes (validation and test report the plain cross-entropy)."""
+    if regression:
+        return F.mse_loss
+    if label_smoothing:
+        return functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
+    return F.cross_entropy
 
 
 def train_step(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_f, opt: torch.optim.Optimizer,
                rt: Runtime, scaler: torch.amp.GradScaler | None, clip: float) -> torch.Tensor:
     """One optimizer step on one batch; returns the batch loss (a detached tensor, no device sync)."""
+    if isinstance(opt, torch.optim.LBFGS):
+        # LBFGS evaluates the loss and gradients again and again within one step (its iterations and
+        # line search), so it takes them as a closure; it returns the loss before its first update.
+        def closure() -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            with rt.autocast():
+                loss = loss_f(net(xb), yb)
+            loss.backward()
+            return loss
+
+        return opt.step(closure).detach()
     opt.zero_grad(set_to_none=True)
     with rt.autocast():
         loss = loss_f(net(xb), yb)

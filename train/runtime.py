@@ -28,14 +28,16 @@ class Runtime:
         return self.world_size > 1
 
     def autocast(self):
-        """bf16/fp16 autocast on CUDA; nothing on the fp32 path."""
+        """bf16/fp16 autocast on CUDA (bf16 also on CPU, when asked for); nothing on the fp32 path."""
         if self.precision == "fp32":
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
 
-def setup(device: str, precision: str, regression: bool = False) -> Runtime:
-    """Join torchrun's process group when launched by torchrun; pick device and precision."""
+def setup(device: str, precision: str, regression: bool = False, threads: int = 0) -> Runtime:
+    """Join torchrun's process group when launched by torchrun; pick device, precision and CPU threads."""
+    if threads:
+        torch.set_num_threads(threads)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
@@ -97,8 +99,24 @@ def pick_precision(name: str, device: torch.device, regression: bool = False) ->
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if name in ("bf16", "fp16") and device.type != "cuda":
+        if name == "bf16" and device.type == "cpu" and not regression:
+            # Asked for by name only (auto stays fp32 on CPU): bf16 autocast on a CPU with native bf16
+            # instructions cut a CNN training step by ~1/3 (AVX512-BF16, measured); elsewhere oneDNN
+            # would emulate it, slower than fp32.
+            if cpu_bf16_supported():
+                return name
+            raise ConfigError("run.precision bf16 on CPU needs native bf16 instructions (AVX512-BF16 or AMX), "
+                              "which this CPU lacks; use fp32")
         raise ConfigError(f"run.precision {name} needs CUDA; the {device.type} path trains in fp32")
     return name
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
