@@ -90,7 +90,7 @@ class CNN(nn.Module):
         c1, c2, c3 = cfg.channels
         self.features = nn.Sequential(*(
             _conv_block(c_in, c_out, cfg.activation, n, cfg.pool_first)
-            for c_in, c_out, n in zip((1, c1, c2), cfg.channels, cfg.convs_per_block)))
+            for c_in, c_out, n in zip((1, c1, c2), cfg.channels, cfg.convs_per_block, strict=True)))
         self.drop = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(c3 * 3 * 3, cfg.num_classes)
 
