@@ -64,15 +64,25 @@ def test_cnn_block_options():
     assert convs == [[(1, 4)], [(4, 6), (6, 6)], [(6, 8), (8, 8), (8, 8)]]
     assert sum(isinstance(m, torch.nn.GELU) for m in deep.modules()) == 6
     assert not any(isinstance(m, torch.nn.ReLU) for m in deep.modules())
-    # pooling comes once per block, after the block's last conv
-    assert [type(m) for m in deep.features[2]][-4:] == [torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.BatchNorm2d,
-                                                        torch.nn.GELU]
+    # pooling comes once per block, after the block's first conv: the block's other convs run at the pooled size
+    conv, pool, bn, gelu = torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.BatchNorm2d, torch.nn.GELU
+    assert [type(m) for m in deep.features[2]] == [conv, pool, bn, gelu, conv, bn, gelu, conv, bn, gelu]
     assert sum(isinstance(m, torch.nn.MaxPool2d) for m in deep.modules()) == 3
+    assert deep(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_cnn_hidden_layer():
+    base = models.build_predictor("cnn", {"channels": [4, 6, 8]}).net
+    assert isinstance(base.hidden, torch.nn.Identity)  # no hidden layer: the default's state_dict keys stay
+    wide = models.build_predictor("cnn", {"channels": [4, 6, 8], "hidden": 32}).net
+    assert (wide.hidden[0].in_features, wide.hidden[0].out_features, wide.fc.in_features) == (8 * 3 * 3, 32, 32)
+    assert wide(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("options", [
     {"activation": "silu"},
     {"activation": "gelu", "convs_per_block": [1, 1, 2], "pool_first": True},
+    {"hidden": 16, "dropout": 0.1},
 ])
 def test_cnn_options_train_a_step_and_round_trip(tmp_path, options):
     torch.manual_seed(0)
@@ -97,6 +107,7 @@ def test_cnn_options_train_a_step_and_round_trip(tmp_path, options):
     ("product_mlp", {"activation": "sigmoid"}),
     ("product_mlp", {"dropout": 1.0}),
     ("mlp", {"hidden": 0}),
+    ("cnn", {"hidden": -1}),
     ("mlp", {"num_classes": 1}),
     ("cnn", {"channels": [8, 8]}),
     ("cnn", {"dropout": -0.1}),
