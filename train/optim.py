@@ -2,7 +2,7 @@
 
 import torch
 
-from train.config import OptimConfig, SchedConfig
+from train.config import ConfigError, OptimConfig, SchedConfig
 
 
 def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -48,6 +48,10 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, s
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=cfg.factor, patience=cfg.patience,
                                                           min_lr=cfg.min_lr)
     if cfg.name == "onecycle":
+        total = epochs * steps_per_epoch
+        if cfg.pct_start * total <= 1:  # OneCycleLR would divide by zero in its first step (a traceback)
+            raise ConfigError(f"sched.name onecycle needs more than one warm-up step: sched.pct_start {cfg.pct_start} "
+                              f"x {total} steps ({epochs} epochs x {steps_per_epoch}); train longer or raise pct_start")
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
                                                    epochs=epochs, steps_per_epoch=steps_per_epoch,
                                                    pct_start=cfg.pct_start)
