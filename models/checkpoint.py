@@ -15,6 +15,7 @@ Keys (all plain Python types or tensors, so `torch.load(..., weights_only=True)`
 
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -63,26 +64,101 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle, zip and unsafe-global errors all mean "not a checkpoint we can read"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's message opens with advice to load with weights_only=False: report its actual finding instead.
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\. |\n|$)", str(e))
+        if found and found.group(1).startswith("Unsupported global"):
+            raise CheckpointError(f"cannot read checkpoint {path}: it pickles code or objects other than tensors "
+                                  f"and plain data, which are never loaded ({found.group(1)[:200]})") from None
+        reason = found.group(1) if found and found.group(1) else re.sub(r"\x1b\[[0-9;]*m", "", _first_line(e))
         raise CheckpointError(f"cannot read checkpoint {path}: not a loadable PyTorch file ({reason[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a train-to-deploy checkpoint (no '{FORMAT}' format marker)")
-    if ckpt.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {ckpt['format_version']}; this toolkit reads up to {FORMAT_VERSION}")
+    version = ckpt.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {version!r}; this toolkit reads up to {FORMAT_VERSION}")
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
+    epoch = ckpt["epoch"]
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise CheckpointError(f"checkpoint {path} has no valid epoch count ({epoch!r})")
+    validate_checkpoint(ckpt, f"checkpoint {path}")
     return ckpt
+
+
+def validate_checkpoint(ckpt: dict[str, Any], name: str = "checkpoint") -> None:
+    """Raise CheckpointError (one line, starting with `name`) unless the checkpoint's weights are exactly
+    those of a fresh network of its architecture: the same keys, shapes and dtypes, and all finite.
+
+    load_state_dict alone is not enough: it casts float64 or integer weights to float32 without a
+    word, and accepts NaN. The expected weights come from a network built on the meta device, so a
+    config that asks for a huge network costs no memory.
+    """
+    arch = ckpt.get("arch")
+    try:
+        with torch.device("meta"):
+            expected = build_predictor(arch, ckpt.get("model_config")).state_dict()
+    except (ValueError, TypeError, KeyError, RuntimeError, OverflowError) as e:  # unknown arch, bad config
+        raise CheckpointError(f"{name} does not match its architecture {arch!r}: {_first_line(e)}") from None
+    problem = weights_problem(ckpt.get("state_dict"), expected)
+    if problem:
+        raise CheckpointError(f"{name} does not match its architecture {arch!r}: {problem}")
+    for k, v in ckpt["state_dict"].items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{name} has non-finite weights in {k}")
+
+
+def weights_problem(state_dict: Any, expected: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with `state_dict` as the weights of the network whose state_dict is `expected`, or None."""
+    if not isinstance(state_dict, dict):
+        return f"state_dict is a {type(state_dict).__name__}, not a dict of tensors"
+    missing = [k for k in expected if k not in state_dict]
+    extra = [k for k in state_dict if k not in expected]
+    if missing:
+        return f"missing weights {', '.join(map(str, missing[:3]))}{' ...' if len(missing) > 3 else ''}"
+    if extra:
+        return f"unexpected weights {', '.join(map(str, extra[:3]))}{' ...' if len(extra) > 3 else ''}"
+    for k, want in expected.items():
+        v = state_dict[k]
+        if not isinstance(v, torch.Tensor) or v.layout != torch.strided or v.is_meta:
+            return f"{k} is not a dense tensor"
+        if v.shape != want.shape:
+            return f"{k} has shape {list(v.shape)}, the network's is {list(want.shape)}"
+        if v.dtype != want.dtype:
+            return f"{k} is {v.dtype}, the network's is {want.dtype}"
+    return None
 
 
 def predictor_from_checkpoint(ckpt: dict[str, Any]) -> Predictor:
     """Rebuild the trained Predictor from a loaded checkpoint alone, in eval mode."""
-    try:
-        model = build_predictor(ckpt["arch"], ckpt["model_config"])
-        model.load_state_dict(ckpt["state_dict"])
-    except (ValueError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"checkpoint does not match its architecture {ckpt.get('arch')!r}: {str(e).splitlines()[0]}") from None
+    validate_checkpoint(ckpt)
+    model = build_predictor(ckpt["arch"], ckpt["model_config"])
+    model.load_state_dict(ckpt["state_dict"])
     return model.eval()
+
+
+# save_checkpoint's temp files, `.<name>.<8 random chars from mkstemp>.tmp`
+_TEMP = re.compile(r"\.(last|best)\.pt\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files of last.pt and best.pt that a hard kill mid-save left in `folder`.
+
+    Call it only where no save is running: a run's main process, before its first save.
+    Returns the files deleted.
+    """
+    folder = Path(folder)
+    stale = [p for p in folder.iterdir() if _TEMP.fullmatch(p.name) and p.is_file()] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

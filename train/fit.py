@@ -11,7 +11,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from models import Predictor, build_predictor, input_shape
-from models.checkpoint import load_checkpoint, save_checkpoint, serialize
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, serialize, weights_problem
 from train.config import Config, ConfigError
 from train.data import Augment, TaskData, batch_order
 from train.engine import NonFiniteLossError, evaluate, loss_fn, train_epoch
@@ -63,6 +63,9 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
     torch.manual_seed(cfg.run.seed)  # the same initial weights in every process and every repeat
     predictor = build_predictor(cfg.arch, cfg.model_fields)
     if resume is not None:
+        problem = weights_problem(resume["state_dict"], predictor.state_dict())  # its config vs its weights
+        if problem:
+            raise CheckpointError(f"the checkpoint's config does not describe its weights: {problem}")
         predictor.load_state_dict(resume["state_dict"])
     else:  # z-score statistics from the training split only
         predictor.input_norm.fit(data.train_x, dims=(0,) if regression else (0, 1, 2, 3))
@@ -106,13 +109,7 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
     stopper = Stopper(mode, cfg.stop.min_delta)
     start = 0
     if resume is not None:
-        state = resume["resume"]
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None and state.get("scheduler"):
-            sched.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        stopper = Stopper(mode, cfg.stop.min_delta, **state["stopper"])
+        stopper = load_training_state(resume["resume"], opt, sched, scaler, stopper)
         start = resume["epoch"]
 
     loss_f = loss_fn(regression, cfg.optim.label_smoothing)
@@ -159,6 +156,42 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
                 break
     predictor.load_state_dict(best_state)
     return FitResult(predictor.eval(), stopper.best_epoch, best_metrics, epoch, stopped)
+
+
+def load_training_state(state: dict, opt, sched, scaler, stopper: Stopper) -> Stopper:
+    """Restore the optimizer, scheduler, grad-scaler and early-stopping state of a resumed checkpoint.
+
+    Raises CheckpointError where that state does not fit this model: torch's load_state_dict checks
+    only the number of parameters, so a wrongly shaped moment buffer would fail at the first step.
+    """
+    try:
+        opt.load_state_dict(state["optimizer"])
+        check_optimizer_state(opt)
+        if sched is not None and state.get("scheduler"):
+            sched.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        return Stopper(stopper.mode, stopper.min_delta, **state["stopper"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"the checkpoint's training state does not fit its model: {text}") from None
+
+
+def check_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Every per-parameter state tensor must have its parameter's shape (L-BFGS: the flat length of all
+    parameters), or be a scalar such as Adam's step count."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    flat = torch.Size([sum(p.numel() for p in params)])
+    for i, p in enumerate(params):
+        allowed = (p.shape, flat) if isinstance(opt, torch.optim.LBFGS) else (p.shape,)
+        values = list(opt.state.get(p, {}).items())
+        while values:
+            name, v = values.pop()
+            if isinstance(v, (list, tuple)):  # L-BFGS keeps its history as lists of tensors
+                values += [(name, x) for x in v]
+            elif isinstance(v, torch.Tensor) and v.dim() and v.shape not in allowed:
+                raise ValueError(f"optimizer state {name} of parameter {i} has shape {list(v.shape)}, "
+                                 f"the parameter's is {list(p.shape)}")
 
 
 class CheckpointSaver:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.checkpoint import CheckpointError, load_checkpoint, remove_stale_temp_files, save_checkpoint
 from train.config import SECTIONS, TASKS, Config, ConfigError, build_config, load_yaml, parse_overrides
 from train.data import DataError, TaskData, load_task_data
 from train.engine import NonFiniteLossError, evaluate, predict
@@ -110,6 +110,7 @@ def run(cfg: Config, resume: dict | None = None) -> dict:
         data = load_task_data(cfg, rt.device)
         if rt.is_main:  # only once the data is there: a run that cannot start leaves no folder behind
             out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(out)  # left by a run killed mid-save; nothing saves here yet
             (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         # Creating any torch.optim optimizer imports torch._dynamo (its add_param_group is wrapped in
         # torch._disable_dynamo): 1.2-2.4 s here, an import like `import torch`, not training. Paid
@@ -152,6 +153,7 @@ def _kfold(cfg: Config, data: TaskData, rt: Runtime, out: Path) -> tuple[FitResu
         fold_dir = out / f"fold{i + 1}"
         if rt.is_main:
             fold_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(fold_dir)
             print(f"fold {i + 1}/{k}: {len(train_idx)} training, {len(parts[i])} validation samples", flush=True)
         log = _log(cfg, rt, fold_dir)
         try:
