@@ -27,6 +27,7 @@ from models.checkpoint import CheckpointError, load_checkpoint, predictor_from_c
 
 DEFAULT_CHECKPOINT = Path("runs/product/best.pt")  # best.pt of the default task's default run folder
 PARITY_FILE = "parity.json"
+MAX_BATCH = 1 << 16  # parity holds a whole batch in memory: 65,536 images are 200 MiB of float32
 PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "bentoml", "numpy")
 
 
@@ -56,30 +57,44 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
+def _path(text: str) -> Path:
+    if not text:  # Path("") would be the current folder
+        raise argparse.ArgumentTypeError("needs a path, got ''")
+    return Path(text)
+
+
 def parse_args(argv: list[str]) -> ExportOptions:
     p = _Parser(prog="python -m export", description="Export a checkpoint to ONNX/TorchScript, prove parity, "
                                                       "register it in BentoML's model store.")
     p.add_argument("--format", default="all", choices=[*FORMATS, "all"], help="artifacts to write (default: all)")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+    p.add_argument("--checkpoint", type=_path, default=DEFAULT_CHECKPOINT,
                    help=f"checkpoint to export (default: {DEFAULT_CHECKPOINT})")
-    p.add_argument("--out", type=Path, help="output folder (default: export/ beside the checkpoint)")
+    p.add_argument("--out", type=_path, help="output folder (default: export/ beside the checkpoint)")
     p.add_argument("--atol", type=float, default=1e-5, help="parity: absolute tolerance (default: 1e-5)")
     p.add_argument("--rtol", type=float, default=1e-5, help="parity: relative tolerance (default: 1e-5)")
     p.add_argument("--batch-sizes", default="1,7,1024", help="parity batch sizes, comma-separated (default: 1,7,1024)")
-    p.add_argument("--data-dir", help="folder with the classifier's IDX test images (default: the run's data.dir)")
+    p.add_argument("--data-dir", type=_path,
+                   help="folder with the classifier's IDX test images (default: the run's data.dir)")
     p.add_argument("--no-register", action="store_true", help="write and check the artifacts only")
     a = p.parse_args(argv)
     try:
         sizes = [int(s) for s in a.batch_sizes.split(",")]
     except ValueError:
         raise ValueError(f"--batch-sizes must be comma-separated integers, got {a.batch_sizes!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise ValueError(f"--batch-sizes must be positive, got {a.batch_sizes!r}")
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
+        raise ValueError(f"--batch-sizes must be in [1, {MAX_BATCH}], got {a.batch_sizes!r}")
     for name in ("atol", "rtol"):
-        if not getattr(a, name) >= 0:  # also refuses nan
-            raise ValueError(f"--{name} must be a non-negative number, got {getattr(a, name)}")
+        if not 0 <= getattr(a, name) < float("inf"):  # also refuses nan
+            raise ValueError(f"--{name} must be a non-negative number (and finite), got {getattr(a, name)}")
+    if a.data_dir is not None and not a.data_dir.is_dir():
+        raise ValueError(f"--data-dir {a.data_dir} is not a folder")
+    if a.out is not None:  # the nearest existing part must be a folder, or writing fails after the export
+        nearest = next(f for f in (a.out, *a.out.parents) if f.exists())
+        if not nearest.is_dir():
+            raise ValueError(f"--out {a.out} cannot be a folder: {nearest} is a file")
     return ExportOptions(checkpoint=a.checkpoint, out=a.out, formats=FORMATS if a.format == "all" else (a.format,),
-                         atol=a.atol, rtol=a.rtol, batch_sizes=sizes, data_dir=a.data_dir,
+                         atol=a.atol, rtol=a.rtol, batch_sizes=sizes,
+                         data_dir=None if a.data_dir is None else str(a.data_dir),
                          register=not a.no_register)
 
 

@@ -68,7 +68,7 @@ def test_model_overrides(argv, field, value):
 def test_changing_arch_starts_from_its_defaults():
     cfg, _ = parse_args(["--task", "mnist", "--model.arch", "cnn", "--model.channels", "8,16,16"])
     assert cfg.model == {"arch": "cnn", "channels": [8, 16, 16], "num_classes": 10, "dropout": 0.2,
-                         "activation": "relu", "convs_per_block": [1, 1, 1], "pool_first": False}
+                         "activation": "relu", "convs_per_block": [1, 1, 1], "pool_first": False, "hidden": 0}
 
 
 @pytest.mark.parametrize("argv, flag_value", [

@@ -283,14 +283,15 @@ def test_resume_refuses_new_optimizer_settings(single, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_error_on_one_rank_ends_the_job(tmp_path):
-    """--out is a file: rank 0 fails to create the run folder while rank 1 goes on into training
-    and waits for rank 0 in DDP's first collective. torchrun must end the job, not hang."""
-    out = tmp_path / "not_a_folder"
-    out.write_text("")
+    """The run folder's config.yaml is a folder: rank 0 fails to write it while rank 1 goes on into
+    training and waits for rank 0 in DDP's first collective. torchrun must end the job, not hang.
+    (A --out that is a file no longer gets this far: both ranks refuse it while parsing.)"""
+    out = tmp_path / "run"
+    (out / "config.yaml").mkdir(parents=True)
     proc = torchrun([*PRODUCT, "--epochs", "2", "--out", str(out)], cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert ours and "File exists" in ours[0], proc.stderr[-3000:]
+    assert ours and "Is a directory" in ours[0], proc.stderr[-3000:]
     assert not own_traceback(proc.stderr), proc.stderr[-3000:]
 
 

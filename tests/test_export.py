@@ -187,8 +187,9 @@ def test_onnx_runs_without_torch_and_torchscript_in_a_fresh_process(runs, tmp_pa
 
 def test_random_images_when_test_set_is_missing(runs, tmp_path):
     out = tmp_path / "export"
+    (tmp_path / "empty").mkdir()  # a folder without the IDX files (a folder that does not exist is an error)
     assert main(["--format", "onnx", "--checkpoint", str(runs / "mlp" / "best.pt"), "--out", str(out),
-                 "--no-register", "--batch-sizes", "1,7", "--data-dir", str(tmp_path / "nowhere")]) == 0
+                 "--no-register", "--batch-sizes", "1,7", "--data-dir", str(tmp_path / "empty")]) == 0
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] and report["inputs"].startswith("7 random images")
 

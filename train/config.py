@@ -5,6 +5,7 @@ when resuming -> `--config FILE.yaml` -> `--section.field value` flags. Unknown 
 the wrong type raise ConfigError with a one-line message.
 """
 
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,9 @@ SCHEDULERS = ("none", "step", "cosine", "plateau", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MONITORS = {"product": ("loss", "mse", "mae", "mre"), "image": ("loss", "accuracy")}
+IMAGE_CLASSES = 10  # MNIST and Fashion-MNIST labels are 0..9
+MAX_SEED = 2**63 - 1  # any seed torch's generators take, with room for seed + epoch
+MAX_THREADS = 1024  # torch.set_num_threads takes a C int; more threads than this is a typo
 
 
 class ConfigError(ValueError):
@@ -36,7 +40,7 @@ class RunConfig:
     epochs: int = 10
     """Maximum number of epochs (the run may stop earlier, see `stop`)."""
     seed: int = 0
-    """Seeds data generation, splits, initialization and shuffling."""
+    """Seeds data generation, splits, initialization and shuffling; 0 to 2**63 - 1."""
     device: str = "auto"
     """auto (cuda, then mps, then cpu) | cpu | cuda | mps."""
     precision: str = "auto"
@@ -48,7 +52,7 @@ class RunConfig:
     max_batches: int = 0
     """Stop each epoch after this many batches; 0 = the whole epoch (smoke tests and dry runs)."""
     threads: int = 0
-    """CPU threads for torch's operators; 0 = torch's default (one per core). 1 suits tiny models like
+    """CPU threads for torch's operators, at most 1024; 0 = torch's default (one per core). 1 suits tiny models like
     the product MLP, which gain nothing from a second thread and, on a busy machine, lose much
     waiting for it: a 0.5 s run took 6-18 s with 2 threads on 2 shared cores (measured)."""
 
@@ -59,7 +63,12 @@ class RunConfig:
         _at_least("run.epochs", self.epochs, 1)
         _at_least("run.folds", self.folds, 1)
         _at_least("run.max_batches", self.max_batches, 0)
-        _at_least("run.threads", self.threads, 0)
+        _between("run.threads", self.threads, 0, MAX_THREADS)
+        _between("run.seed", self.seed, 0, MAX_SEED)
+        out = Path(self.out)  # the nearest existing part must be a folder, or mkdir fails after loading the data
+        nearest = next(f for f in (out, *out.parents) if f.exists())
+        if not nearest.is_dir():
+            raise ConfigError(f"run.out {self.out} cannot be a run folder: {nearest} is a file")
 
 
 @dataclass
@@ -76,13 +85,13 @@ class DataConfig:
     test_size: int = 10000
     """product: fresh test points, drawn with `test_seed` as the reference script does."""
     test_seed: int = 123
-    """product: seed of the test set (123 is the reference's)."""
+    """product: seed of the test set (123 is the reference's); 0 to 2**63 - 1."""
     batch_size: int = 100
     """Global batch size (split evenly across processes under torchrun)."""
     eval_batch_size: int = 2048
     """Batch size for validation and test passes."""
     crop_padding: int = 0
-    """Images: random-crop augmentation with this much zero padding (0 = off; 2 is typical)."""
+    """Images: random-crop augmentation with this much zero padding (0 = off; 2 is typical; at most 27)."""
     hflip: bool = False
     """Images: random horizontal flips (sensible for Fashion-MNIST, not for digits)."""
 
@@ -92,7 +101,9 @@ class DataConfig:
         _at_least("data.test_size", self.test_size, 1)
         _at_least("data.batch_size", self.batch_size, 1)
         _at_least("data.eval_batch_size", self.eval_batch_size, 1)
-        _at_least("data.crop_padding", self.crop_padding, 0)
+        _between("data.test_seed", self.test_seed, 0, MAX_SEED)
+        # A shift of 28 pixels or more can move the whole 28x28 image out of its crop.
+        _between("data.crop_padding", self.crop_padding, 0, 27)
 
 
 @dataclass
@@ -104,9 +115,9 @@ class OptimConfig:
     """Learning rate (the peak rate for onecycle; lbfgs: the scale of its line search's first trial step)."""
     weight_decay: float = 0.0
     momentum: float = 0.9
-    """sgd and rmsprop only."""
+    """sgd and rmsprop only; in [0, 1)."""
     nesterov: bool = False
-    """sgd only."""
+    """sgd only; needs momentum > 0."""
     clip_grad_norm: float = 0.0
     """Clip the global gradient norm to this value; 0 = no clipping."""
     label_smoothing: float = 0.0
@@ -121,12 +132,15 @@ class OptimConfig:
         _choice("optim.name", self.name, OPTIMIZERS)
         _positive("optim.lr", self.lr)
         _at_least("optim.weight_decay", self.weight_decay, 0.0)
-        _at_least("optim.momentum", self.momentum, 0.0)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"optim.momentum must be in [0, 1), got {self.momentum}")
         _at_least("optim.clip_grad_norm", self.clip_grad_norm, 0.0)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _at_least("optim.max_iter", self.max_iter, 1)
         _at_least("optim.history_size", self.history_size, 1)
+        if self.name == "sgd" and self.nesterov and self.momentum == 0:
+            raise ConfigError("optim.nesterov needs optim.momentum > 0 (torch's SGD refuses it); set one of them")
         if self.name == "lbfgs":
             # torch's LBFGS has no weight decay, and clipping would change the gradients its line search trusts.
             for key in ("weight_decay", "clip_grad_norm"):
@@ -141,11 +155,11 @@ class SchedConfig:
     step_size: int = 10
     """step: epochs between decays."""
     gamma: float = 0.1
-    """step: decay factor."""
+    """step: factor applied every `step_size` epochs (> 0; below 1 decays)."""
     min_lr: float = 0.0
-    """cosine: final rate; plateau: floor."""
+    """cosine: final rate; plateau: floor; at most `optim.lr`."""
     factor: float = 0.1
-    """plateau: decay factor."""
+    """plateau: decay factor, in (0, 1)."""
     patience: int = 5
     """plateau: epochs without improvement before decaying."""
     pct_start: float = 0.3
@@ -154,8 +168,10 @@ class SchedConfig:
     def check(self):
         _choice("sched.name", self.name, SCHEDULERS)
         _at_least("sched.step_size", self.step_size, 1)
-        _positive("sched.gamma", self.gamma)
-        _positive("sched.factor", self.factor)
+        _positive("sched.gamma", self.gamma)  # above 1 grows the rate: allowed (tests blow a run up that way)
+        if not 0.0 < self.factor < 1.0:
+            raise ConfigError(f"sched.factor must be in (0, 1) (a decay factor), got {self.factor}")
+        _at_least("sched.min_lr", self.min_lr, 0.0)
         _at_least("sched.patience", self.patience, 0)
         if not 0.0 < self.pct_start < 1.0:
             raise ConfigError(f"sched.pct_start must be in (0, 1), got {self.pct_start}")
@@ -250,6 +266,16 @@ class Config:
         _choice("stop.monitor", self.stop.monitor, MONITORS[kind])
         if models.is_regression(self.arch) != (kind == "product"):
             raise ConfigError(f"model.arch {self.arch!r} does not fit task {self.run.task!r}")
+        # The data fix the network's ends: two inputs for product, ten classes for the image tasks.
+        if kind == "product" and self.model.get("in_features") != models.input_shape(self.arch)[0]:
+            raise ConfigError(f"model.in_features must be {models.input_shape(self.arch)[0]} for task product "
+                              f"(inputs X1, X2), got {self.model.get('in_features')}")
+        if kind == "image" and self.model.get("num_classes") != IMAGE_CLASSES:
+            raise ConfigError(f"model.num_classes must be {IMAGE_CLASSES} for task {self.run.task} (labels 0..9), "
+                              f"got {self.model.get('num_classes')}")
+        if self.sched.name in ("cosine", "plateau") and self.sched.min_lr > self.optim.lr:
+            raise ConfigError(f"sched.min_lr {self.sched.min_lr} is above optim.lr {self.optim.lr}; "
+                              f"sched.name {self.sched.name} would raise the rate, not lower it")
         if self.optim.name == "lbfgs" and self.run.precision == "fp16":
             raise ConfigError("optim.name lbfgs cannot run with run.precision fp16 (GradScaler takes no closure)")
         return self
@@ -263,7 +289,7 @@ def build_config(task: str | None, layers: list[dict[str, Any]]) -> Config:
     if task is None:
         task = next((l["run"]["task"] for l in reversed(layers) if "task" in (l.get("run") or {})), "product")
     if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task {task!r}; run.task must be one of {', '.join(TASKS)}")
     cfg = Config()
     for layer in [TASK_DEFAULTS[task], *layers, {"run": {"task": task}}]:
         _apply(cfg, layer)
@@ -343,14 +369,19 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
                 pass
         raise ConfigError(f"{name} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # also YAML's '1e-3', which PyYAML reads as a string
+            number = float(value)
+        elif isinstance(value, str):  # also YAML's '1e-3', which PyYAML reads as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{name} must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(number):  # nan, inf and 1e400 are nonsense for every setting here
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -403,6 +434,11 @@ def _choice(name: str, value: Any, allowed) -> None:
 def _at_least(name: str, value: float, low: float) -> None:
     if value < low:
         raise ConfigError(f"{name} must be >= {low}, got {value}")
+
+
+def _between(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be in [{low}, {high}], got {value}")
 
 
 def _positive(name: str, value: float) -> None:

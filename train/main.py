@@ -51,6 +51,9 @@ def parse_args(argv: list[str]) -> tuple[Config, dict | None]:
     p.add_argument("--config", help="YAML file of config sections (default: none)")
     p.add_argument("--resume", help="checkpoint (last.pt) to continue training from (default: none)")
     args, rest = p.parse_known_args(argv)
+    empty = [name for name, value in vars(args).items() if value == ""]  # e.g. --config "$UNSET": not "no file"
+    if empty:
+        raise ConfigError(f"--{empty[0].replace('_', '-')} needs a value")
     flags = {"run": {k: v for k, v in {"out": args.out, "epochs": args.epochs, "seed": args.seed,
                                        "device": args.device, "precision": args.precision,
                                        "folds": args.folds}.items() if v is not None}}
