@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models import Predictor, is_regression
+from models import Predictor, input_shape, is_regression
+from models.checkpoint import CheckpointError
 from models.product import INPUT_RANGE
 
 PIXEL_SCALE = 255.0
@@ -31,11 +32,17 @@ class RawUnits(nn.Module):
         return self.predictor(x * self.input_scale if self.input_scale != 1.0 else x)
 
 
-def contract_of(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The contract for a loaded checkpoint, as plain JSON-able values."""
+def contract_of(ckpt: dict[str, Any], predictor: Predictor) -> dict[str, Any]:
+    """The contract for a loaded checkpoint and the predictor rebuilt from it, as plain JSON-able values.
+
+    Shapes and normalization come from the architecture and the weights, which the checkpoint's
+    loading has validated; of the checkpoint's descriptive fields only `classes` is used, and checked.
+    """
     task, arch = ckpt["task"], ckpt["arch"]
-    shape = [int(d) for d in ckpt.get("input_shape") or ()]
-    norm = ckpt.get("normalization") or {}
+    shape = list(input_shape(arch))
+    norm = {"input": predictor.input_norm.to_dict()}
+    if predictor.target_norm is not None:
+        norm["target"] = predictor.target_norm.to_dict()
     if is_regression(arch):
         return {
             "task": task, "kind": "regression",
@@ -48,7 +55,11 @@ def contract_of(ckpt: dict[str, Any]) -> dict[str, Any]:
             "pixel_scale": None,
             "normalization": norm,
         }
-    classes = list(ckpt.get("classes") or [])
+    with torch.no_grad():
+        outputs = predictor(torch.zeros(1, *shape)).shape[1]
+    classes = ckpt.get("classes")
+    if not (isinstance(classes, list) and len(classes) == outputs and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"checkpoint's classes must be a list of {outputs} names, got {str(classes)[:80]}")
     return {
         "task": task, "kind": "classification",
         "inputs": [{"name": "image", "dtype": "float32", "shape": ["batch", *shape],

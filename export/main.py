@@ -105,7 +105,7 @@ def write_artifacts(opts: ExportOptions) -> Exported:
                               "or pass --checkpoint PATH")
     ckpt = load_checkpoint(opts.checkpoint)  # refuses foreign, mismatched and non-finite weights, as --resume does
     predictor = predictor_from_checkpoint(ckpt)
-    contract = contract_of(ckpt)
+    contract = contract_of(ckpt, predictor)
     module = traced_module(predictor, contract)
     out = opts.out or opts.checkpoint.parent / "export"
     out.mkdir(parents=True, exist_ok=True)

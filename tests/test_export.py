@@ -235,3 +235,33 @@ def test_default_checkpoint_missing_from_the_command_line(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == ("error: no checkpoint at runs/product/best.pt: train one with `python -m train` "
                                    "or pass --checkpoint PATH")
+
+
+def resaved(src, dst, **fields):
+    """The checkpoint at `src` with `fields` replaced, saved in our format at `dst`."""
+    ckpt = load_checkpoint(src)
+    ckpt.update(fields)
+    save_checkpoint({k: v for k, v in ckpt.items() if k not in ("format", "format_version")}, dst)
+    return dst
+
+
+def test_contract_comes_from_the_weights_not_the_descriptive_fields(runs, tmp_path):
+    """A checkpoint's input_shape and normalization lists are for people: the contract is built from the
+    architecture and the weights that loading validated, so edited lists cannot misdescribe the graph."""
+    real = load_checkpoint(runs / "product" / "best.pt")["normalization"]
+    path = resaved(runs / "product" / "best.pt", tmp_path / "edited.pt", input_shape=[999],
+                   normalization={"input": "junk", "target": {"mean": [1e9], "std": [0.0]}})
+    assert main(["--checkpoint", str(path), "--out", str(tmp_path / "out"), "--no-register"]) == 0
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "out" / "model.onnx")).metadata_props}
+    contract = json.loads(props["contract"])
+    assert contract["inputs"][0]["shape"] == ["batch", 2]
+    assert contract["normalization"] == real  # the same float32 buffers, as lists
+
+
+@pytest.mark.parametrize("classes", [None, ["a", "b"], {"0": "x"}, list(range(10))])
+def test_classifier_needs_a_name_per_output(runs, tmp_path, capsys, classes):
+    path = resaved(runs / "cnn" / "best.pt", tmp_path / "classes.pt", classes=classes)
+    assert main(["--checkpoint", str(path), "--out", str(tmp_path / "out"), "--no-register"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint's classes must be a list of 10 names" in err, err
+    assert not (tmp_path / "out").exists()
