@@ -11,6 +11,8 @@ import onnx
 import torch
 from torch import nn
 
+from models.checkpoint import first_line
+
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 FORMATS = ("onnx", "torchscript")
@@ -85,5 +87,4 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
+    return first_line(e)[:300]

@@ -23,7 +23,7 @@ from export.artifacts import FORMATS, ONNX_FILE, TORCHSCRIPT_FILE, ExportError, 
 from export.contract import contract_of, traced_module
 from export.parity import ParityError
 from export.store import register
-from models.checkpoint import CheckpointError, load_checkpoint, predictor_from_checkpoint
+from models.checkpoint import CheckpointError, first_line, load_checkpoint, predictor_from_checkpoint
 
 DEFAULT_CHECKPOINT = Path("runs/product/best.pt")  # best.pt of the default task's default run folder
 PARITY_FILE = "parity.json"
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}; nothing registered (details in parity.json)", file=sys.stderr)
         return 1
     except (ValueError, CheckpointError, ExportError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing registered", file=sys.stderr)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.checkpoint import first_line
 from models.product import INPUT_RANGE
 
 INPUT_SEED = 20261123  # parity inputs are fresh: neither the training seeds nor the test seed 123
@@ -45,7 +46,7 @@ def held_out_inputs(ckpt: dict[str, Any], contract: dict[str, Any], n: int, data
         images = read_idx(path)[:n]
     except Exception as e:  # no dataset here: still check parity, on random images, and say so
         images = None
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
     if images is None or len(images) < n or images.shape[1:] != (28, 28):
         x = torch.rand(n, 1, 28, 28, generator=g)
         return Inputs(x, f"{n} random images, uniform [0, 1] (test images unavailable: {reason if images is None else 'too few'})")

@@ -69,12 +69,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle, zip and unsafe-global errors all mean "not a checkpoint we can read"
-        # torch's message opens with advice to load with weights_only=False: report its actual finding instead.
+        # torch's message opens with advice to switch the safe loader off: report its actual finding instead.
         found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\. |\n|$)", str(e))
         if found and found.group(1).startswith("Unsupported global"):
             raise CheckpointError(f"cannot read checkpoint {path}: it pickles code or objects other than tensors "
                                   f"and plain data, which are never loaded ({found.group(1)[:200]})") from None
-        reason = found.group(1) if found and found.group(1) else re.sub(r"\x1b\[[0-9;]*m", "", _first_line(e))
+        reason = found.group(1) if found and found.group(1) else re.sub(r"\x1b\[[0-9;]*m", "", first_line(e))
         raise CheckpointError(f"cannot read checkpoint {path}: not a loadable PyTorch file ({reason[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a train-to-deploy checkpoint (no '{FORMAT}' format marker)")
@@ -104,7 +104,7 @@ def validate_checkpoint(ckpt: dict[str, Any], name: str = "checkpoint") -> None:
         with torch.device("meta"):
             expected = build_predictor(arch, ckpt.get("model_config")).state_dict()
     except (ValueError, TypeError, KeyError, RuntimeError, OverflowError) as e:  # unknown arch, bad config
-        raise CheckpointError(f"{name} does not match its architecture {arch!r}: {_first_line(e)}") from None
+        raise CheckpointError(f"{name} does not match its architecture {arch!r}: {first_line(e)}") from None
     problem = weights_problem(ckpt.get("state_dict"), expected)
     if problem:
         raise CheckpointError(f"{name} does not match its architecture {arch!r}: {problem}")
@@ -159,6 +159,7 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (or its type's name): error output is one line."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

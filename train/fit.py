@@ -11,7 +11,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from models import Predictor, build_predictor, input_shape
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, serialize, weights_problem
+from models.checkpoint import CheckpointError, first_line, load_checkpoint, save_checkpoint, serialize, weights_problem
 from train.config import Config, ConfigError
 from train.data import Augment, TaskData, batch_order
 from train.engine import NonFiniteLossError, evaluate, loss_fn, train_epoch
@@ -173,8 +173,7 @@ def load_training_state(state: dict, opt, sched, scaler, stopper: Stopper) -> St
             scaler.load_state_dict(state["scaler"])
         return Stopper(stopper.mode, stopper.min_delta, **state["stopper"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"the checkpoint's training state does not fit its model: {text}") from None
+        raise CheckpointError(f"the checkpoint's training state does not fit its model: {first_line(e)}") from None
 
 
 def check_optimizer_state(opt: torch.optim.Optimizer) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from models.checkpoint import CheckpointError, load_checkpoint, remove_stale_temp_files, save_checkpoint
+from models.checkpoint import CheckpointError, first_line, load_checkpoint, remove_stale_temp_files, save_checkpoint
 from train.config import SECTIONS, TASKS, Config, ConfigError, build_config, load_yaml, parse_overrides
 from train.data import DataError, TaskData, load_task_data
 from train.engine import NonFiniteLossError, evaluate, predict
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}; stopped, {kept}", file=sys.stderr)
         return 1
     except USER_ERRORS as e:
-        print(f"{where}error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"{where}error: {first_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{where}error: interrupted; last.pt holds the last finished epoch", file=sys.stderr)
