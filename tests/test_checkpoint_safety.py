@@ -263,9 +263,14 @@ def test_torch_alone_accepts_a_wrongly_shaped_optimizer_state(good):
 @pytest.mark.parametrize("name", BAD_STATE)
 def test_resume_with_training_state_that_does_not_fit_is_one_line(good, tmp_path, capsys, name):
     path = ours(good, tmp_path / "bad_state.pt", BAD_STATE[name][0])
-    rc = train_main([*FAST, "--resume", str(path), "--epochs", "5", "--out", str(tmp_path / "out")])
+    out = tmp_path / "out"  # another run's folder: a refused resume must not touch it
+    out.mkdir()
+    (out / "config.yaml").write_text("another run's config\n")
+    rc = train_main([*FAST, "--resume", str(path), "--epochs", "5", "--out", str(out)])
     line = one_error_line(capsys.readouterr().err)
     assert rc == 2 and BAD_STATE[name][1] in line, line
+    assert [p.name for p in out.iterdir()] == ["config.yaml"]
+    assert (out / "config.yaml").read_text() == "another run's config\n"
 
 
 # --- SIGKILL while saving --------------------------------------------------------------------------

@@ -158,6 +158,17 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
     return FitResult(predictor.eval(), stopper.best_epoch, best_metrics, epoch, stopped)
 
 
+def check_resume_state(cfg: Config, resume: dict) -> None:
+    """Refuse, before a run writes anything, a resume checkpoint whose weights or optimizer state do not
+    fit the model its config describes: `fit` loads the same state into the same model and optimizer."""
+    predictor = build_predictor(cfg.arch, cfg.model_fields)
+    problem = weights_problem(resume["state_dict"], predictor.state_dict())
+    if problem:
+        raise CheckpointError(f"the checkpoint's config does not describe its weights: {problem}")
+    opt = build_optimizer(predictor.net.parameters(), cfg.optim, torch.device("cpu"))
+    load_training_state(resume["resume"], opt, None, None, Stopper("min", 0.0))
+
+
 def load_training_state(state: dict, opt, sched, scaler, stopper: Stopper) -> Stopper:
     """Restore the optimizer, scheduler, grad-scaler and early-stopping state of a resumed checkpoint.
 

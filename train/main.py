@@ -23,7 +23,7 @@ from models.checkpoint import CheckpointError, first_line, load_checkpoint, remo
 from train.config import SECTIONS, TASKS, Config, ConfigError, build_config, load_yaml, parse_overrides
 from train.data import DataError, TaskData, load_task_data
 from train.engine import NonFiniteLossError, evaluate, predict
-from train.fit import FitResult, fit
+from train.fit import FitResult, check_resume_state, fit
 from train.report import RunLog, fmt_metrics, read_history, scalars, write_json
 from train.runtime import Runtime, setup, teardown
 
@@ -100,6 +100,7 @@ def check_resume(cfg: Config, resume: dict) -> None:
         what = f"resume it with --epochs {planned}" if resume["epoch"] < planned else "the checkpoint finished it"
         raise ConfigError(f"sched.name {cfg.sched.name} was planned for {planned} epochs ({what}); "
                           f"start a new run to change its length")
+    check_resume_state(cfg, resume)  # weights and optimizer state, before the run folder is touched
 
 
 def run(cfg: Config, resume: dict | None = None) -> dict:
