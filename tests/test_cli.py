@@ -42,6 +42,10 @@ BAD_IN_PROCESS = {
     "checkpoint without training state": (["--resume", "{tmp}/weights.pt"], "has no training state"),
     "missing YAML": (["--config", "{tmp}/missing.yaml"], "config file {tmp}/missing.yaml does not exist"),
     "YAML that is a list": (["--config", "{tmp}/list.yaml"], "must hold a mapping of sections"),
+    # 10^12 weights (4 TB): the allocation fails on any machine, and the answer is one line
+    "model too large for memory": (["--task", "product", "--model.hidden", "[1000000, 1000000]"],
+                                   "out of memory (tried to allocate 4000000000000 bytes)"),
+    "product data too large": (["--task", "product", "--data.size", "1000000000"], "data.size must be in [2, 100000000]"),
     "cuda without a GPU": (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"],
                            "run.device"),
 }

@@ -24,6 +24,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MONITORS = {"product": ("loss", "mse", "mae", "mre"), "image": ("loss", "accuracy")}
 IMAGE_CLASSES = 10  # MNIST and Fashion-MNIST labels are 0..9
 MAX_SEED = 2**63 - 1  # any seed torch's generators take, with room for seed + epoch
+MAX_POINTS = 10**8  # product data sizes
 MAX_THREADS = 1024  # torch.set_num_threads takes a C int; more threads than this is a typo
 
 
@@ -96,9 +97,10 @@ class DataConfig:
     """Images: random horizontal flips (sensible for Fashion-MNIST, not for digits)."""
 
     def check(self):
-        _at_least("data.size", self.size, 2)
-        _at_least("data.val_size", self.val_size, 1)
-        _at_least("data.test_size", self.test_size, 1)
+        # product points are generated in memory: 10^8 of them are ~1.2 GB with their copies; more is a typo
+        _between("data.size", self.size, 2, MAX_POINTS)
+        _between("data.val_size", self.val_size, 1, MAX_POINTS)
+        _between("data.test_size", self.test_size, 1, MAX_POINTS)
         _at_least("data.batch_size", self.batch_size, 1)
         _at_least("data.eval_batch_size", self.eval_batch_size, 1)
         _between("data.test_seed", self.test_seed, 0, MAX_SEED)

@@ -11,6 +11,7 @@ loss.png and predicted_vs_true.png (product) or confusion.png (images).
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import time
@@ -231,4 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{where}error: interrupted; last.pt holds the last finished epoch", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        # Too large a model, batch or dataset for this machine: the CPU allocator raises a RuntimeError,
+        # CUDA a torch.OutOfMemoryError (a RuntimeError). Any other RuntimeError is a bug: traceback.
+        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)):
+            raise
+        asked = re.search(r"tried to allocate [^.;(]*", str(e))
+        print(f"{where}error: out of memory ({asked[0].strip() if asked else first_line(e)[:200]}); "
+              "use a smaller model, batch or dataset", file=sys.stderr)
+        return 2
     return 0
