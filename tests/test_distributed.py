@@ -153,6 +153,21 @@ def test_two_processes_match_one(single, dist):
 
 
 @pytest.mark.slow
+def test_two_processes_skip_the_same_easiest_examples_as_one(tmp_path):
+    """data.skip_easiest: each process records the losses of its own shard; they are all-reduced, so
+    every process picks the same hardest examples, and the job trains as one process does."""
+    args = [*PRODUCT, "--epochs", str(EPOCHS), "--data.skip_easiest", "0.5"]
+    assert train_here([*args, "--out", str(tmp_path / "one")]) == 0
+    proc = torchrun([*args, "--out", str(tmp_path / "two")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for a, b in zip(history(tmp_path / "one"), history(tmp_path / "two"), strict=True):
+        assert_close_metrics(a, b, ("train_loss", "val_loss", "val_mre"))
+    l1, l2 = (load_checkpoint(tmp_path / d / "last.pt")["resume"]["hard_examples"]["last"] for d in ("one", "two"))
+    assert l1.shape == l2.shape == (400,)
+    assert torch.allclose(l1, l2, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.slow
 def test_only_rank_0_writes(single, dist):
     out, proc = dist
     assert files(out) == files(single)  # the same files as one process: nothing per rank, no temp files

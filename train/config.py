@@ -95,6 +95,9 @@ class DataConfig:
     """Images: random-crop augmentation with this much zero padding (0 = off; 2 is typical; at most 27)."""
     hflip: bool = False
     """Images: random horizontal flips (sensible for Fashion-MNIST, not for digits)."""
+    skip_easiest: float = 0.0
+    """After the first epoch, skip this fraction of the training set in each epoch: the examples whose
+    loss was lowest when last trained on (train/select.py). 0 = every epoch trains on every example."""
 
     def check(self):
         # product points are generated in memory: 10^8 of them are ~1.2 GB with their copies; more is a typo
@@ -106,6 +109,8 @@ class DataConfig:
         _between("data.test_seed", self.test_seed, 0, MAX_SEED)
         # A shift of 28 pixels or more can move the whole 28x28 image out of its crop.
         _between("data.crop_padding", self.crop_padding, 0, 27)
+        if not 0.0 <= self.skip_easiest < 1.0:
+            raise ConfigError(f"data.skip_easiest must be in [0, 1), got {self.skip_easiest}")
 
 
 @dataclass
@@ -278,6 +283,9 @@ class Config:
         if self.sched.name in ("cosine", "plateau") and self.sched.min_lr > self.optim.lr:
             raise ConfigError(f"sched.min_lr {self.sched.min_lr} is above optim.lr {self.optim.lr}; "
                               f"sched.name {self.sched.name} would raise the rate, not lower it")
+        if self.optim.name == "lbfgs" and self.data.skip_easiest:
+            raise ConfigError("data.skip_easiest does not apply to optim.name lbfgs (one batch of the whole set); "
+                              "set it to 0")
         if self.optim.name == "lbfgs" and self.run.precision == "fp16":
             raise ConfigError("optim.name lbfgs cannot run with run.precision fp16 (GradScaler takes no closure)")
         return self

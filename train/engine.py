@@ -12,6 +12,7 @@ from models import Predictor
 from train.data import Augment
 from train.optim import steps_per_batch
 from train.runtime import Runtime, all_reduce_sum
+from train.select import HardExamples
 
 
 class NonFiniteLossError(Exception):
@@ -29,8 +30,10 @@ def loss_fn(regression: bool, label_smoothing: float = 0.0):
 
 
 def train_step(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_f, opt: torch.optim.Optimizer,
-               rt: Runtime, scaler: torch.amp.GradScaler | None, clip: float) -> torch.Tensor:
-    """One optimizer step on one batch; returns the batch loss (a detached tensor, no device sync)."""
+               rt: Runtime, scaler: torch.amp.GradScaler | None, clip: float, per_sample: bool = False
+               ) -> torch.Tensor:
+    """One optimizer step on one batch; returns the batch loss, or with `per_sample` each example's
+    loss (a detached tensor, no device sync). L-BFGS takes the whole set in one batch: no per_sample."""
     if isinstance(opt, torch.optim.LBFGS):
         # LBFGS evaluates the loss and gradients again and again within one step (its iterations and
         # line search), so it takes them as a closure; it returns the loss before its first update.
@@ -44,7 +47,8 @@ def train_step(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_f, opt: 
         return opt.step(closure).detach()
     opt.zero_grad(set_to_none=True)
     with rt.autocast():
-        loss = loss_f(net(xb), yb)
+        losses = loss_f(net(xb), yb, reduction="none" if per_sample else "mean")
+    loss = losses.mean() if per_sample else losses
     if scaler is not None:  # fp16: scale the loss so small gradients survive half precision
         scaler.scale(loss).backward()
         if clip > 0:
@@ -57,13 +61,14 @@ def train_step(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_f, opt: 
         if clip > 0:
             nn.utils.clip_grad_norm_(net.parameters(), clip)
         opt.step()
-    return loss.detach()
+    return losses.detach().reshape(len(losses), -1).mean(1) if per_sample else loss.detach()
 
 
 def train_epoch(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: list[torch.Tensor], loss_f,
                 opt: torch.optim.Optimizer, scheduler, rt: Runtime, scaler, clip: float,
-                augment: Augment | None, progress: str | None) -> float:
-    """One pass over `batches` (index tensors into the standardized x, y); returns the mean loss over all ranks."""
+                augment: Augment | None, progress: str | None, hard: HardExamples | None = None) -> float:
+    """One pass over `batches` (index tensors into the standardized x, y); returns the mean loss over all
+    ranks. `hard` (data.skip_easiest) gets every example's loss."""
     net.train()
     total = torch.zeros((), device=x.device, dtype=torch.float64)
     count = 0
@@ -72,7 +77,11 @@ def train_epoch(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: list[
         if augment is not None and augment.active:
             xb = augment(xb)
         # Summed on the device: a .item() per step would stall the GPU on every batch.
-        total += train_step(net, xb, yb, loss_f, opt, rt, scaler, clip) * len(idx)
+        loss = train_step(net, xb, yb, loss_f, opt, rt, scaler, clip, per_sample=hard is not None)
+        if hard is not None:
+            hard.record(idx, loss)
+            loss = loss.mean()
+        total += loss * len(idx)
         count += len(idx)
         if scheduler is not None and steps_per_batch(scheduler):
             scheduler.step()

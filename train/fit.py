@@ -18,6 +18,7 @@ from train.engine import NonFiniteLossError, evaluate, loss_fn, train_epoch
 from train.optim import build_optimizer, build_scheduler, step_epoch
 from train.report import RunLog, warn
 from train.runtime import Runtime, broadcast_flag
+from train.select import HardExamples, steps_per_epoch
 
 
 @dataclass
@@ -95,12 +96,14 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
         # Its line search branches on the loss of each process's own shard: the processes would take
         # different numbers of backward passes, and DDP's gradient all-reduces would wait forever.
         raise ConfigError("optim.name lbfgs runs in one process, not under torchrun")
-    steps = math.ceil(math.ceil(len(x_train) / rt.world_size) / (global_batch // rt.world_size))
-    if cfg.run.max_batches:
-        steps = min(steps, cfg.run.max_batches)
+    steps = steps_per_epoch(len(x_train), global_batch, rt.world_size, cfg.run.max_batches)
+    hard = HardExamples(len(x_train), cfg.data.skip_easiest, rt.device) if cfg.data.skip_easiest else None
+    # Selective training: the first epoch takes every example, the later ones the hardest `keep`.
+    total_steps = steps + (cfg.run.epochs - 1) * (
+        steps_per_epoch(hard.keep, global_batch, rt.world_size, cfg.run.max_batches) if hard else steps)
     opt = build_optimizer(net.parameters(), cfg.optim, rt.device)
     mode = "max" if cfg.stop.monitor == "accuracy" else "min"
-    sched = build_scheduler(opt, cfg.sched, cfg.run.epochs, steps, mode)
+    sched = build_scheduler(opt, cfg.sched, cfg.run.epochs, steps, mode, total_steps)
     scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
     augment = None
     if not regression and (cfg.data.crop_padding or cfg.data.hflip):
@@ -109,7 +112,7 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
     stopper = Stopper(mode, cfg.stop.min_delta)
     start = 0
     if resume is not None:
-        stopper = load_training_state(resume["resume"], opt, sched, scaler, stopper)
+        stopper = load_training_state(resume["resume"], opt, sched, scaler, stopper, hard)
         start = resume["epoch"]
 
     loss_f = loss_fn(regression, cfg.optim.label_smoothing)
@@ -131,11 +134,17 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
             t0 = time.perf_counter()
             reseed(epoch_seed(cfg.run.seed, epoch, rt.rank), rt.device)  # dropout and augmentation draws
             lr = opt.param_groups[0]["lr"]  # the rate this epoch starts with (before its scheduler step)
-            batches = batch_order(len(x_train), global_batch, epoch, cfg.run.seed, rt.rank, rt.world_size, rt.device,
-                                  sampler=not regression)
+            chosen = hard.indices() if hard else None  # None: every example
+            batches = batch_order(len(x_train) if chosen is None else len(chosen), global_batch, epoch, cfg.run.seed,
+                                  rt.rank, rt.world_size, rt.device, sampler=not regression)
+            if chosen is not None:
+                batches = [chosen[b] for b in batches]
             train_loss = train_epoch(model, x_train, y_train, batches[:steps], loss_f, opt, sched, rt, scaler,
                                      cfg.optim.clip_grad_norm, augment,
-                                     f"epoch {epoch}" if cfg.log.progress and rt.is_main and steps >= 100 else None)
+                                     f"epoch {epoch}" if cfg.log.progress and rt.is_main and steps >= 100 else None,
+                                     hard)
+            if hard:
+                hard.end_epoch()
             val = evaluate(predictor, data.val_x, data.val_y, regression, cfg.data.eval_batch_size, rt, num_classes)
             if not math.isfinite(val["loss"]):  # the epoch's last steps broke the weights: save nothing
                 raise NonFiniteLossError(f"validation loss became {val['loss']}")
@@ -145,7 +154,7 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
                 best_state, best_metrics = copy_tensors(predictor.state_dict()), val
             if rt.is_main:
                 saver.epoch(_payload(cfg, config, predictor, epoch, val, data.classes, opt, sched, scaler, stopper,
-                                     rt), improved)
+                                     hard), improved)
             log.epoch(epoch, train_loss, val, lr, time.perf_counter() - t0, net, improved)
             stop = ("early_stopping" if cfg.stop.patience and stopper.bad_epochs >= cfg.stop.patience
                     else "target" if cfg.stop.target and val["loss"] <= cfg.stop.target else "")
@@ -169,7 +178,8 @@ def check_resume_state(cfg: Config, resume: dict) -> None:
     load_training_state(resume["resume"], opt, None, None, Stopper("min", 0.0))
 
 
-def load_training_state(state: dict, opt, sched, scaler, stopper: Stopper) -> Stopper:
+def load_training_state(state: dict, opt, sched, scaler, stopper: Stopper, hard: HardExamples | None = None
+                        ) -> Stopper:
     """Restore the optimizer, scheduler, grad-scaler and early-stopping state of a resumed checkpoint.
 
     Raises CheckpointError where that state does not fit this model: torch's load_state_dict checks
@@ -182,6 +192,8 @@ def load_training_state(state: dict, opt, sched, scaler, stopper: Stopper) -> St
             sched.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+        if hard is not None:
+            hard.load_state(state.get("hard_examples"))
         return Stopper(stopper.mode, stopper.min_delta, **state["stopper"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise CheckpointError(f"the checkpoint's training state does not fit its model: {first_line(e)}") from None
@@ -302,7 +314,7 @@ def copy_tensors(obj):
 
 
 def _payload(cfg: Config, config: dict, predictor: Predictor, epoch: int, metrics: dict, classes, opt, sched,
-             scaler, stopper: Stopper, rt: Runtime) -> dict:
+             scaler, stopper: Stopper, hard: HardExamples | None) -> dict:
     """A self-describing checkpoint: the model alone rebuilds from it; the rest resumes training."""
     norm = {"input": predictor.input_norm.to_dict()}
     if predictor.target_norm is not None:
@@ -324,6 +336,7 @@ def _payload(cfg: Config, config: dict, predictor: Predictor, epoch: int, metric
             "scheduler": sched.state_dict() if sched is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "stopper": stopper.state(),
+            "hard_examples": hard.state() if hard is not None else None,
         },
     }
 

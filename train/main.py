@@ -93,6 +93,11 @@ def check_resume(cfg: Config, resume: dict) -> None:
             if saved.get(section, {}).get(key, value) != value:
                 raise ConfigError(f"{section}.{key} was {saved[section][key]!r} in the checkpoint; --resume "
                                   f"continues its model, optimizer and schedule: start a new run to change it")
+    skip = saved.get("data", {}).get("skip_easiest", 0.0)
+    if skip != cfg.data.skip_easiest:
+        # The checkpoint's per-example losses and its schedule's length follow the fraction it trained with.
+        raise ConfigError(f"data.skip_easiest was {skip!r} in the checkpoint; --resume continues its selection "
+                          f"and schedule: start a new run to change it")
     if resume["epoch"] >= cfg.run.epochs:
         raise ConfigError(f"the checkpoint has already run {resume['epoch']} epochs; pass --epochs above that")
     planned = saved.get("run", {}).get("epochs")

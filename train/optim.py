@@ -36,8 +36,11 @@ def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.opt
     raise ValueError(f"unknown optimizer {cfg.name}")
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, steps_per_epoch: int, mode: str):
-    """The scheduler, or None. OneCycleLR steps every batch (see `steps_per_batch`); the others every epoch."""
+def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, steps_per_epoch: int, mode: str,
+                    total_steps: int | None = None):
+    """The scheduler, or None. OneCycleLR steps every batch (see `steps_per_batch`) for `total_steps`
+    (default epochs x steps_per_epoch; fewer when data.skip_easiest shortens the later epochs); the
+    others every epoch."""
     if cfg.name == "none":
         return None
     if cfg.name == "step":
@@ -48,13 +51,13 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, s
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=cfg.factor, patience=cfg.patience,
                                                           min_lr=cfg.min_lr)
     if cfg.name == "onecycle":
-        total = epochs * steps_per_epoch
+        total = total_steps or epochs * steps_per_epoch
         if cfg.pct_start * total <= 1:  # OneCycleLR would divide by zero in its first step (a traceback)
             raise ConfigError(f"sched.name onecycle needs more than one warm-up step: sched.pct_start {cfg.pct_start} "
-                              f"x {total} steps ({epochs} epochs x {steps_per_epoch}); train longer or raise pct_start")
+                              f"x {total} steps ({epochs} epochs of up to {steps_per_epoch}); train longer or raise "
+                              f"pct_start")
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
-                                                   epochs=epochs, steps_per_epoch=steps_per_epoch,
-                                                   pct_start=cfg.pct_start)
+                                                   total_steps=total, pct_start=cfg.pct_start)
     raise ValueError(f"unknown scheduler {cfg.name}")
 
 
