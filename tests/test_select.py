@@ -12,7 +12,8 @@ from conftest import PRODUCT, history, train
 from test_train import assert_resume_matches, image_args
 
 from train.config import ConfigError
-from train.main import parse_args
+from models.checkpoint import save_checkpoint
+from train.main import main, parse_args
 from train.select import HardExamples
 
 CPU = torch.device("cpu")
@@ -108,3 +109,17 @@ def test_skip_easiest_refusals(tmp_path, image_dir):
     for bad in ("1", "-0.1", "nan"):
         with pytest.raises(ConfigError, match="data.skip_easiest must be"):
             parse_args([*PRODUCT, "--data.skip_easiest", bad])
+
+
+def test_saved_losses_of_another_training_set_are_refused_before_the_run_folder_changes(tmp_path, image_dir, capsys):
+    train([*image_args(image_dir, "fashion-mnist", "cnn"), "--epochs", "1", "--data.skip_easiest", "0.4"], tmp_path)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    ckpt["resume"]["hard_examples"]["last"] = torch.ones(10)  # saved from a 10-image training set
+    save_checkpoint(ckpt, tmp_path / "other.pt")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["--resume", str(tmp_path / "other.pt"), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: the checkpoint's training state does not fit this training set: its per-example "
+                   "losses are [10], not 250 floats for this training set")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before

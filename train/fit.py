@@ -178,6 +178,18 @@ def check_resume_state(cfg: Config, resume: dict) -> None:
     load_training_state(resume["resume"], opt, None, None, Stopper("min", 0.0))
 
 
+def check_resume_data(cfg: Config, n_train: int, resume: dict) -> None:
+    """Refuse, before a run writes anything, a selective-training checkpoint whose per-example losses
+    do not fit this training set: its size depends on the data folder, so this waits for the data."""
+    if not cfg.data.skip_easiest:
+        return
+    try:
+        HardExamples(n_train, cfg.data.skip_easiest, torch.device("cpu")).load_state(
+            resume["resume"].get("hard_examples"))
+    except ValueError as e:
+        raise CheckpointError(f"the checkpoint's training state does not fit this training set: {e}") from None
+
+
 def load_training_state(state: dict, opt, sched, scaler, stopper: Stopper, hard: HardExamples | None = None
                         ) -> Stopper:
     """Restore the optimizer, scheduler, grad-scaler and early-stopping state of a resumed checkpoint.

@@ -24,7 +24,7 @@ from models.checkpoint import CheckpointError, first_line, load_checkpoint, remo
 from train.config import SECTIONS, TASKS, Config, ConfigError, build_config, load_yaml, parse_overrides
 from train.data import DataError, TaskData, load_task_data
 from train.engine import NonFiniteLossError, evaluate, predict
-from train.fit import FitResult, check_resume_state, fit
+from train.fit import FitResult, check_resume_data, check_resume_state, fit
 from train.report import RunLog, fmt_metrics, read_history, scalars, write_json
 from train.runtime import Runtime, setup, teardown
 
@@ -118,6 +118,8 @@ def run(cfg: Config, resume: dict | None = None) -> dict:
             print("config:\n  " + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  "))
             print(f"device: {rt.device} precision: {rt.precision} processes: {rt.world_size}", flush=True)
         data = load_task_data(cfg, rt.device)
+        if resume is not None:
+            check_resume_data(cfg, len(data.train_x), resume)
         if rt.is_main:  # only once the data is there: a run that cannot start leaves no folder behind
             out.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(out)  # left by a run killed mid-save; nothing saves here yet
