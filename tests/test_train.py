@@ -176,6 +176,19 @@ def test_interrupted_schedule_resumes_exactly(tmp_path, sched):
     assert_resume_matches(tmp_path / "straight", tmp_path / "resumed", s1, s2)
 
 
+@pytest.mark.parametrize("change", [["--data.batch_size", "32"], ["--data.size", "512"]])
+def test_one_cycle_resume_with_another_step_count_is_refused_before_the_run_folder_changes(tmp_path, change, capsys):
+    args = [*PRODUCT, "--sched.name", "onecycle", "--epochs", "4"]
+    assert train([*args, "--stop.target", "1e9"], tmp_path)["epochs_run"] == 1  # cut after epoch 1
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["--resume", str(tmp_path / "last.pt"), "--stop.target", "0", *change]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sched.name onecycle was planned for 12 steps, and this run takes ") and \
+        err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
 def test_resume_keeps_a_best_epoch_from_before_the_resume(tmp_path):
     # min_delta this large: only epoch 1 ever counts as an improvement, so best.pt stays at epoch 1.
     args = [*PRODUCT, "--optim.lr", "0.01", "--stop.min_delta", "1e9"]

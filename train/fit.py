@@ -96,11 +96,8 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
         # Its line search branches on the loss of each process's own shard: the processes would take
         # different numbers of backward passes, and DDP's gradient all-reduces would wait forever.
         raise ConfigError("optim.name lbfgs runs in one process, not under torchrun")
-    steps = steps_per_epoch(len(x_train), global_batch, rt.world_size, cfg.run.max_batches)
+    steps, total_steps = planned_steps(cfg, len(x_train), rt.world_size)
     hard = HardExamples(len(x_train), cfg.data.skip_easiest, rt.device) if cfg.data.skip_easiest else None
-    # Selective training: the first epoch takes every example, the later ones the hardest `keep`.
-    total_steps = steps + (cfg.run.epochs - 1) * (
-        steps_per_epoch(hard.keep, global_batch, rt.world_size, cfg.run.max_batches) if hard else steps)
     opt = build_optimizer(net.parameters(), cfg.optim, rt.device)
     mode = "max" if cfg.stop.monitor == "accuracy" else "min"
     sched = build_scheduler(opt, cfg.sched, cfg.run.epochs, steps, mode, total_steps)
@@ -178,16 +175,33 @@ def check_resume_state(cfg: Config, resume: dict) -> None:
     load_training_state(resume["resume"], opt, None, None, Stopper("min", 0.0))
 
 
-def check_resume_data(cfg: Config, n_train: int, resume: dict) -> None:
-    """Refuse, before a run writes anything, a selective-training checkpoint whose per-example losses
-    do not fit this training set: its size depends on the data folder, so this waits for the data."""
+def planned_steps(cfg: Config, n_train: int, world_size: int) -> tuple[int, int]:
+    """Batches per full epoch, and in the whole run (selective training: the first epoch takes every
+    example, the later ones the hardest `keep`)."""
+    steps = steps_per_epoch(n_train, cfg.data.batch_size, world_size, cfg.run.max_batches)
     if not cfg.data.skip_easiest:
-        return
-    try:
-        HardExamples(n_train, cfg.data.skip_easiest, torch.device("cpu")).load_state(
-            resume["resume"].get("hard_examples"))
-    except ValueError as e:
-        raise CheckpointError(f"the checkpoint's training state does not fit this training set: {e}") from None
+        return steps, cfg.run.epochs * steps
+    keep = HardExamples.kept(n_train, cfg.data.skip_easiest)
+    return steps, steps + (cfg.run.epochs - 1) * steps_per_epoch(keep, cfg.data.batch_size, world_size,
+                                                                 cfg.run.max_batches)
+
+
+def check_resume_data(cfg: Config, n_train: int, world_size: int, resume: dict) -> None:
+    """Refuse, before a run writes anything, a checkpoint whose training state does not fit this training
+    set: its size depends on the data folder, so this waits for the data."""
+    if cfg.data.skip_easiest:
+        try:
+            HardExamples(n_train, cfg.data.skip_easiest, torch.device("cpu")).load_state(
+                resume["resume"].get("hard_examples"))
+        except ValueError as e:
+            raise CheckpointError(f"the checkpoint's training state does not fit this training set: {e}") from None
+    saved = (resume["resume"].get("scheduler") or {}).get("total_steps") if cfg.sched.name == "onecycle" else None
+    total = planned_steps(cfg, n_train, world_size)[1]
+    if saved is not None and saved != total:
+        # The restored schedule would end early (OneCycleLR then fails mid-epoch) or never anneal.
+        raise ConfigError(f"sched.name onecycle was planned for {saved} steps, and this run takes {total} "
+                          "(another data.batch_size, run.max_batches, training set or number of processes); "
+                          "start a new run to change them")
 
 
 def load_training_state(state: dict, opt, sched, scaler, stopper: Stopper, hard: HardExamples | None = None

@@ -119,7 +119,7 @@ def run(cfg: Config, resume: dict | None = None) -> dict:
             print(f"device: {rt.device} precision: {rt.precision} processes: {rt.world_size}", flush=True)
         data = load_task_data(cfg, rt.device)
         if resume is not None:
-            check_resume_data(cfg, len(data.train_x), resume)
+            check_resume_data(cfg, len(data.train_x), rt.world_size, resume)
         if rt.is_main:  # only once the data is there: a run that cannot start leaves no folder behind
             out.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(out)  # left by a run killed mid-save; nothing saves here yet

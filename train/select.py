@@ -23,10 +23,15 @@ class HardExamples:
 
     def __init__(self, n: int, skip: float, device: torch.device):
         self.n = n
-        self.keep = n - int(n * skip)  # examples per epoch after the first
+        self.keep = self.kept(n, skip)
         self.last = torch.full((n,), math.inf, device=device)  # never trained on: the hardest
         self._sum = torch.zeros(n, device=device)
         self._count = torch.zeros(n, device=device)
+
+    @staticmethod
+    def kept(n: int, skip: float) -> int:
+        """Examples per epoch after the first."""
+        return n - int(n * skip)
 
     def indices(self) -> torch.Tensor | None:
         """The sorted indices of the examples to train on next, or None for all of them (the first
