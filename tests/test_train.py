@@ -376,6 +376,26 @@ def test_early_stopping(tmp_path):
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
 
 
+def test_keep_last_makes_best_pt_the_last_epoch_and_still_stops_early(tmp_path):
+    # As above, epoch 1 is the monitor's best; with stop.keep last, best.pt and the test take epoch 3.
+    args = [*PRODUCT, "--epochs", "10", "--stop.patience", "2", "--stop.min_delta", "1e9", "--stop.keep", "last"]
+    summary = train(args, tmp_path)
+    assert summary["stopped"] == "early_stopping" and summary["epochs_run"] == summary["best_epoch"] == 3
+    best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
+    assert best["epoch"] == 3 and best["metrics"] == last["metrics"]
+    assert_same_weights(best["state_dict"], last["state_dict"])
+    assert summary["val"] == {k: v for k, v in last["metrics"].items() if k in summary["val"]}
+
+
+def test_keep_last_resumes_like_a_straight_run(tmp_path):
+    args = [*PRODUCT, "--optim.lr", "0.01", "--stop.min_delta", "1e9", "--stop.keep", "last"]
+    s1 = train([*args, "--epochs", "4"], tmp_path / "straight")
+    train([*args, "--epochs", "2"], tmp_path / "resumed")
+    s2 = train(["--resume", str(tmp_path / "resumed" / "last.pt"), "--epochs", "4"], tmp_path / "resumed")
+    assert s1["best_epoch"] == s2["best_epoch"] == 4
+    assert_resume_matches(tmp_path / "straight", tmp_path / "resumed", s1, s2)
+
+
 def test_stop_target(tmp_path):
     args = [*PRODUCT, "--epochs", "5", "--optim.lr", "0.01"]
     train(args, tmp_path / "full")

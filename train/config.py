@@ -194,8 +194,13 @@ class StopConfig:
     """Smallest change of the monitored metric that counts as an improvement."""
     target: float = 0.0
     """Stop once the validation loss is at or below this; 0 = off."""
+    keep: str = "best"
+    """Which epoch best.pt holds and the test evaluates: best (by monitor) | last. `last` suits a fixed
+    schedule (one-cycle, cosine) whose annealed end is the model: picking by a small validation set
+    can pick an earlier epoch on noise. The monitor still drives early stopping and plateau."""
 
     def check(self):
+        _choice("stop.keep", self.keep, ("best", "last"))
         _at_least("stop.patience", self.patience, 0)
         _at_least("stop.min_delta", self.min_delta, 0.0)
         _at_least("stop.target", self.target, 0.0)

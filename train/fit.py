@@ -115,14 +115,17 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
     loss_f = loss_fn(regression, cfg.optim.label_smoothing)
     best_state = copy_tensors(predictor.state_dict())
     best_metrics: dict = dict(resume.get("metrics", {})) if resume else {}
-    if resume is not None and stopper.best_epoch != start:
+    kept_epoch = start if cfg.stop.keep == "last" else stopper.best_epoch
+    if resume is not None and kept_epoch != start:
         # The best epoch came before the resumed one: its weights and metrics are in best.pt, not last.pt.
         best_ckpt = load_checkpoint(out_dir / "best.pt") if (out_dir / "best.pt").is_file() else None
         if best_ckpt is not None and best_ckpt["epoch"] == stopper.best_epoch:
             best_state, best_metrics = best_ckpt["state_dict"], dict(best_ckpt.get("metrics", {}))
-        elif rt.is_main:
-            warn(f"no best.pt of epoch {stopper.best_epoch} in {out_dir}; "
-                 "the test uses the resumed weights unless a later epoch improves")
+        else:
+            kept_epoch = start
+            if rt.is_main:
+                warn(f"no best.pt of epoch {stopper.best_epoch} in {out_dir}; "
+                     "the test uses the resumed weights unless a later epoch improves")
     stopped, epoch = "max_epochs", start
     num_classes = len(data.classes) if data.classes else 0
     config = cfg.to_dict()  # fixed for the whole fit: built once, not every epoch
@@ -147,12 +150,13 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
                 raise NonFiniteLossError(f"validation loss became {val['loss']}")
             step_epoch(sched, val[cfg.stop.monitor])
             improved = stopper.update(val[cfg.stop.monitor], epoch)
-            if improved:  # a clone, not copy.deepcopy: 1 ms less per improvement of a product epoch (measured)
-                best_state, best_metrics = copy_tensors(predictor.state_dict()), val
+            keep = improved or cfg.stop.keep == "last"
+            if keep:  # a clone, not copy.deepcopy: 1 ms less per improvement of a product epoch (measured)
+                best_state, best_metrics, kept_epoch = copy_tensors(predictor.state_dict()), val, epoch
             if rt.is_main:
                 saver.epoch(_payload(cfg, config, predictor, epoch, val, data.classes, opt, sched, scaler, stopper,
-                                     hard), improved)
-            log.epoch(epoch, train_loss, val, lr, time.perf_counter() - t0, net, improved)
+                                     hard), keep)
+            log.epoch(epoch, train_loss, val, lr, time.perf_counter() - t0, net, keep)
             stop = ("early_stopping" if cfg.stop.patience and stopper.bad_epochs >= cfg.stop.patience
                     else "target" if cfg.stop.target and val["loss"] <= cfg.stop.target else "")
             # Every process has the same reduced metrics; rank 0's word still decides, so that no process
@@ -161,7 +165,7 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
                 stopped = stop or "early_stopping"
                 break
     predictor.load_state_dict(best_state)
-    return FitResult(predictor.eval(), stopper.best_epoch, best_metrics, epoch, stopped)
+    return FitResult(predictor.eval(), kept_epoch, best_metrics, epoch, stopped)
 
 
 def check_resume_state(cfg: Config, resume: dict) -> None:
