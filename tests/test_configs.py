@@ -28,7 +28,8 @@ def test_image_config_trains_and_its_checkpoint_rebuilds(path, image_dir, tmp_pa
     cfg, _ = parse_args(["--config", str(path)])
     summary = train(["--config", str(path), "--data-dir", str(image_dir), "--data.download", "false",
                      "--data.val_size", "50", "--epochs", "4", "--run.max_batches", "4"], tmp_path)
-    assert summary["epochs_run"] == 4  # 4: the CNN's skipped epochs are 1 batch here, and one-cycle needs 2 warm-up steps
+    # 4 epochs: the CNN's skipped epochs are 1 batch here, and its one-cycle needs 2 warm-up steps.
+    assert summary["epochs_run"] == 4
     ckpt = load_checkpoint(tmp_path / "best.pt")
     assert ckpt["arch"] == cfg.arch and ckpt["model_config"] == cfg.model_fields
     predictor_from_checkpoint(ckpt)  # the saved architecture rebuilds from the checkpoint alone
