@@ -5,10 +5,10 @@ epoch skips the `skip` fraction of the training set with the lowest loss when la
 trains on the rest, hardest first in no particular order (the batches are shuffled as usual). A
 skipped example keeps its old loss, so as the trained ones' losses fall below it, it comes back.
 Fashion-MNIST's trousers, bags and sandals are right from the first epoch; the compute goes to
-shirts, pullovers and coats instead. With `skip` 0.45 an epoch costs about 0.55 of a full one:
-configs/fashion_mnist_cnn.yaml trains 12 epochs in 110 s on 2 CPU cores where 7 full ones took
-115 s, and scores 0.25 points higher on average (BENCHMARKS.md). The losses are those of the
-training forward pass itself, so selecting costs no extra pass.
+shirts, pullovers and coats instead. With `skip` 0.5 an epoch costs about half a full one:
+configs/fashion_mnist_cnn.yaml trains 10 epochs in ~113 s on 2 CPU cores, where full epochs would
+fit 5-6 (BENCHMARKS.md). The losses are those of the training forward pass itself, so selecting
+costs no extra pass.
 """
 
 import math
