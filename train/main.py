@@ -26,7 +26,7 @@ from train.data import DataError, TaskData, load_task_data
 from train.engine import NonFiniteLossError, evaluate, predict
 from train.fit import FitResult, check_resume_data, check_resume_state, fit
 from train.report import RunLog, fmt_metrics, read_history, scalars, write_json
-from train.runtime import Runtime, setup, teardown
+from train.runtime import Runtime, barrier, setup, teardown
 
 USER_ERRORS = (ConfigError, CheckpointError, DataError, NonFiniteLossError, OSError)
 
@@ -140,7 +140,11 @@ def run(cfg: Config, resume: dict | None = None) -> dict:
             finally:
                 log.close()
         train_seconds = time.perf_counter() - t0
-        return _finish(cfg, data, rt, out, result, train_seconds, folds)
+        summary = _finish(cfg, data, rt, out, result, train_seconds, folds)
+        # Leave together: a process that tore down its gloo connections while rank 0 was still writing
+        # the run folder once aborted in a full test run ("terminate called without an active exception").
+        barrier()
+        return summary
     finally:
         teardown()
 
