@@ -199,7 +199,9 @@ def check_resume_data(cfg: Config, n_train: int, world_size: int, resume: dict) 
                 resume["resume"].get("hard_examples"))
         except ValueError as e:
             raise CheckpointError(f"the checkpoint's training state does not fit this training set: {e}") from None
-    saved = (resume["resume"].get("scheduler") or {}).get("total_steps") if cfg.sched.name == "onecycle" else None
+    if cfg.sched.name != "onecycle":
+        return
+    saved = (resume["resume"].get("scheduler") or {}).get("total_steps")
     total = planned_steps(cfg, n_train, world_size)[1]
     if saved is not None and saved != total:
         # The restored schedule would end early (OneCycleLR then fails mid-epoch) or never anneal.
