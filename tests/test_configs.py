@@ -5,6 +5,7 @@ each epoch's worth on the tiny IDX set with their own model, optimizer and sched
 import pytest
 from conftest import REPO, train
 
+import export.main
 from models.checkpoint import load_checkpoint, predictor_from_checkpoint
 from train.main import parse_args
 
@@ -33,6 +34,10 @@ def test_image_config_trains_and_its_checkpoint_rebuilds(path, image_dir, tmp_pa
     ckpt = load_checkpoint(tmp_path / "best.pt")
     assert ckpt["arch"] == cfg.arch and ckpt["model_config"] == cfg.model_fields
     predictor_from_checkpoint(ckpt)  # the saved architecture rebuilds from the checkpoint alone
+    # The network each config ships exports with parity (TorchScript and onnxruntime against eager).
+    assert export.main.main(["--checkpoint", str(tmp_path / "best.pt"), "--no-register",
+                             "--data-dir", str(image_dir)]) == 0
+    assert (tmp_path / "export" / "model.onnx").is_file()
 
 
 def test_too_short_one_cycle_is_a_config_error(tmp_path, image_dir, capsys):
