@@ -119,3 +119,48 @@ def test_the_check_flags_vulnerable_versions():
     assert affected("bentoml", "1.4.38") == ["CVE-2026-44345", "CVE-2026-44346"]
     assert "CVE-2024-27318" in affected("onnx", "1.15.0") and "CVE-2024-27318" not in affected("onnx", "1.16.0")
     assert affected("onnx", "1.21.0") == []
+
+
+# Where each group of files may take its third-party imports from: the package's own dependencies,
+# plus the dev extra for the tests. Imports inside functions count too (ast walks the whole file).
+IMPORT_SCOPES = {("models", "train", "export", "serve", "bench"): ("dependencies",),
+                 ("tests",): ("dependencies", "dev")}
+OWN_MODULES = {"models", "train", "export", "serve", "bench", "conftest", "serving", "test_train"}
+
+
+def _declared(groups: tuple[str, ...]) -> set[str]:
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    reqs = [r for g in groups for r in (project["dependencies"] if g == "dependencies"
+                                       else project["optional-dependencies"][g])]
+    return {Requirement(r).name.lower().replace("_", "-") for r in reqs}
+
+
+def _imported_modules(folder: Path) -> dict[str, Path]:
+    import ast
+    import sys
+
+    found = {}
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in OWN_MODULES:
+                    found.setdefault(top, path)
+    return found
+
+
+@pytest.mark.parametrize("folders,groups", IMPORT_SCOPES.items(), ids=lambda v: "+".join(v))
+def test_every_third_party_import_is_declared(folders, groups):
+    """A module imported directly must come from a declared distribution, not arrive as a dependency of a
+    dependency (which a new release of that dependency may drop)."""
+    declared = _declared(groups)
+    providers = importlib.metadata.packages_distributions()
+    undeclared = []
+    for folder in folders:
+        for module, path in _imported_modules(PYPROJECT.parent / folder).items():
+            dists = {d.lower().replace("_", "-") for d in providers.get(module, [module])}
+            if not dists & declared:
+                undeclared.append(f"{module} ({', '.join(sorted(dists))}) in {path.relative_to(PYPROJECT.parent)}")
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
