@@ -1,0 +1,70 @@
+"""The scripts outside the packages run end to end in short modes, so none of them can rot unnoticed:
+the README main job's last step (`serve/demo.sh --once`) and the benchmarks in `bench/`.
+
+They run on the suite's tiny exported models (`serving.exported`); the numbers they print are not
+checked (timings belong in BENCHMARKS.md), only that each script finishes and prints what it promises.
+"""
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+from serving import copy_store, env_for, exported
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return exported(tmp_path_factory)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], env: dict, timeout: float) -> str:
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_demo_script_serves_and_answers_the_sample_request(base, tmp_path):
+    home = copy_store(base, tmp_path / "bentoml")
+    log = tmp_path / "serve.log"
+    out = run(["bash", "serve/demo.sh", "--once"], env_for(home, PORT=str(free_port()), LOG=str(log)), 180)
+    answer = json.loads(out.strip().splitlines()[-1])
+    assert answer["model"] == base.tags["product"]
+    assert isinstance(answer["y"], float) and answer["extrapolated"] is False
+    assert log.stat().st_size > 0  # the server's log went where LOG said, not into the repository
+
+
+def test_inference_benchmark_runs_in_a_short_mode(base):
+    out = run([sys.executable, "bench/inference.py", "--product", str(base.root / "product" / "best.pt"),
+               "--classifier", str(base.root / "fashion-mnist" / "best.pt"), "--seconds", "0.05"], env_for(base.home), 300)
+    for label in ("product", "classifier"):
+        for runtime in ("eager", "torchscript", "onnxruntime"):
+            assert re.search(rf"^{label}\s+batch\s+1024\s+{runtime}\s+median", out, re.M), out
+
+
+def test_compare_benchmark_runs_ours_against_the_reference(tmp_path):
+    out = run([sys.executable, "bench/compare.py", "product", "--repeats", "1", "--config", "configs/product_fast.yaml"],
+              env_for(tmp_path / "bentoml"), 300)
+    for key in ("train_s", "wall_s", "rss_mib", "quality"):
+        assert re.search(rf"^median {key}\s+reference\s+[\d.]+\s+ours\s+[\d.]+\s+ours/reference", out, re.M), out
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (.ci/run installs it)")
+def test_serving_benchmark_runs_in_a_short_mode(base):
+    out = run([sys.executable, "bench/serving.py", "--seconds", "1", "--product", str(base.root / "product" / "best.pt"),
+               "--classifier", str(base.root / "fashion-mnist" / "best.pt")], env_for(base.home), 300)
+    assert "ours / floor requests/s:" in out, out
+    for endpoint in ("predict", "predict_batch", "classify"):
+        assert re.search(rf"^ours\s+/{endpoint}\s+c=32\s+[\d.]+ req/s", out, re.M), out
