@@ -1,12 +1,15 @@
-"""Serving throughput and latency: our service against BentoML's floor, side by side, with wrk.
+"""Serving throughput and latency: our service against its floor, side by side, with wrk.
 
-    python bench/serving.py [--seconds 10] [--product runs/product/best.pt] [--classifier runs/fmnist_cnn/best.pt]
+    python bench/serving.py [--seconds 10] [--rounds 3] [--product runs/product/best.pt] [--classifier runs/fmnist_cnn/best.pt]
 
-Exports the two checkpoints into a temporary model store, starts `bentoml serve` for our service
-(serve.service) and for bench/floor_service.py (same endpoints, returns a constant) on 127.0.0.1,
-then runs wrk (`apt-get install wrk`) against each endpoint at 1 and 32 connections, the two
-services one after the other. Prints requests/s, p50/p99 latency and non-2xx answers per run, the
-ratio ours/floor of requests/s, and rows/s of /predict_batch (256 rows) over requests/s of /predict.
+Exports the two checkpoints into a temporary model store and starts two `bentoml serve` processes on
+127.0.0.1: our service (serve.service) and bench/floor_service.py, which does the same work minus the
+model (the same typed models, middleware, limits and answer sizes, a constant for onnxruntime). Then,
+in each round, every endpoint at 1 and 32 connections is loaded with wrk (`apt-get install wrk`) on one
+service and then the other, alternating which goes first (ABAB), so a machine that speeds up or slows
+down over the run moves both sides alike. Prints every run (requests/s, p50/p99 latency, non-2xx), the
+ratio ours/floor of requests/s per round with its median and range, and rows/s of /predict_batch (256
+rows) over requests/s of /predict.
 """
 
 import argparse
@@ -15,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,38 +84,59 @@ def register(checkpoints: list[Path], env: dict, tmp: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=int, default=10, help="per wrk run (default: 10)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of every run on both services (default: 3)")
     p.add_argument("--product", type=Path, default=ROOT / "runs/product/best.pt")
     p.add_argument("--classifier", type=Path, default=ROOT / "runs/fmnist_cnn/best.pt")
     a = p.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("error: wrk not found; install it (apt-get install wrk)")
+    print(f"cpu: {cpu_model()}, {os.cpu_count()} cores; {a.rounds} rounds of {a.seconds} s per run")
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
                "PYTHONPATH": str(ROOT)}
         register([a.product, a.classifier], env, tmp)
-        results = {}
-        for name, service, cwd in (("ours", "serve.service:TrainToDeploy", ROOT),
-                                   ("floor", "floor_service:Floor", ROOT / "bench")):
-            proc, port = start(service, cwd, env, tmp / f"{name}.log")
-            try:
+        services = {"ours": ("serve.service:TrainToDeploy", ROOT), "floor": ("floor_service:Floor", ROOT / "bench")}
+        started = {name: start(service, cwd, env, tmp / f"{name}.log") for name, (service, cwd) in services.items()}
+        results: dict[tuple, list[dict]] = {}
+        try:
+            for round_ in range(a.rounds):
+                order = ["ours", "floor"] if round_ % 2 == 0 else ["floor", "ours"]
                 for endpoint, body in bodies().items():
                     for c in (1, 32):
-                        r = wrk(f"http://127.0.0.1:{port}/{endpoint}", body, c, a.seconds, tmp)
-                        results[name, endpoint, c] = r
-                        print(f"{name:<6} /{endpoint:<14} c={c:<3} {r['rps']:9.1f} req/s  p50 {r['p50_ms']:7.2f} ms  "
-                              f"p99 {r['p99_ms']:7.2f} ms  non-2xx {r['non2xx']}  {r['socket_errors']}", flush=True)
-            finally:
+                        for name in order:
+                            r = wrk(f"http://127.0.0.1:{started[name][1]}/{endpoint}", body, c, a.seconds, tmp)
+                            results.setdefault((name, endpoint, c), []).append(r)
+                            print(f"round {round_ + 1} {name:<6} /{endpoint:<14} c={c:<3} {r['rps']:9.1f} req/s  "
+                                  f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  non-2xx {r['non2xx']}  "
+                                  f"{r['socket_errors']}", flush=True)
+        finally:
+            for proc, _ in started.values():
                 proc.terminate()
                 proc.wait(timeout=30)
-        print("\nours / floor requests/s:")
+        print("\nours / floor requests/s, per round (median, range):")
         for endpoint in bodies():
             for c in (1, 32):
-                print(f"  /{endpoint:<14} c={c:<3} {results['ours', endpoint, c]['rps'] / results['floor', endpoint, c]['rps']:.2f}")
+                ratios = [o["rps"] / f["rps"] for o, f in zip(results["ours", endpoint, c], results["floor", endpoint, c],
+                                                             strict=True)]
+                print(f"  /{endpoint:<14} c={c:<3} {' '.join(f'{r:.2f}' for r in ratios)}  "
+                      f"(median {statistics.median(ratios):.2f}, {min(ratios):.2f}-{max(ratios):.2f})")
         for c in (1, 32):
-            rows = results["ours", "predict_batch", c]["rps"] * BATCH_ROWS
-            print(f"rows/s of /predict_batch ({BATCH_ROWS} rows) over /predict requests/s, c={c}: "
-                  f"{rows / results['ours', 'predict', c]['rps']:.0f}x")
+            rows = statistics.median(r["rps"] for r in results["ours", "predict_batch", c]) * BATCH_ROWS
+            single = statistics.median(r["rps"] for r in results["ours", "predict", c])
+            print(f"rows/s of /predict_batch ({BATCH_ROWS} rows) over /predict requests/s, c={c}: {rows / single:.0f}x")
+
+
+def cpu_model() -> str:
+    """The CPU's model name and whether it has AVX-512 (int8 and matmul speeds depend on it)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
+    wide = sorted({f for f in (flags[1].split() if flags else []) if f.startswith(("avx512", "amx", "avx2"))})
+    return f"{name[1] if name else 'unknown'} ({' '.join(wide) or 'no AVX2'})"
 
 
 if __name__ == "__main__":
