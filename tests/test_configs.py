@@ -50,3 +50,12 @@ def test_too_short_one_cycle_is_a_config_error(tmp_path, image_dir, capsys):
                "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc != 0 and err.count("\n") == 1 and "sched.name onecycle needs more than one warm-up step" in err, err
+
+
+# The README's Quality table claims these for the shipped product configs on the reference's 10,000-point
+# test set; each trains in seconds, so the claim is checked as shipped (full data, its own seed).
+@pytest.mark.slow
+@pytest.mark.parametrize("name,max_mre", [("product_fast.yaml", 1.35), ("product_best.yaml", 0.15)])
+def test_shipped_product_config_meets_its_claimed_quality(name, max_mre, tmp_path):
+    summary = train(["--config", str(REPO / "configs" / name)], tmp_path / "run")
+    assert summary["test"]["mre"] <= max_mre, summary["test"]
