@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -28,7 +29,9 @@ import torch
 from conftest import PRODUCT, REPO, train
 
 import models
-from models.checkpoint import FORMAT, load_checkpoint, remove_stale_temp_files, save_checkpoint, serialize
+from models.checkpoint import (FORMAT, CheckpointError, load_checkpoint, remove_stale_temp_files, save_checkpoint,
+                               serialize, validate_checkpoint)
+from train.fit import check_optimizer_state
 from train.main import main as train_main
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -170,11 +173,14 @@ def broken_file(broken: Path, name: str) -> Path:
     return broken / f"{name.replace(' ', '_')}.pt"
 
 
-def test_load_state_dict_alone_would_accept_the_wrong_dtypes(broken):
-    """Why dtypes are checked: torch casts float64 and int weights into the float32 network silently."""
+def test_validate_checkpoint_refuses_the_dtypes_load_state_dict_casts(broken):
+    """torch casts float64 and int weights into the float32 network silently; our dtype check refuses them."""
     for name in ("float64 weights", "integer weights"):
         raw = torch.load(broken_file(broken, name), weights_only=True)
-        models.build_predictor("product_mlp").load_state_dict(raw["state_dict"])  # no error
+        # torch alone accepts it: were that to change, this file would no longer reach our check
+        models.build_predictor("product_mlp").load_state_dict(raw["state_dict"])
+        with pytest.raises(CheckpointError, match=re.escape(BROKEN[name][1])):
+            validate_checkpoint(raw)
 
 
 @pytest.mark.parametrize("name", BROKEN)
@@ -253,11 +259,14 @@ BAD_STATE = {
 }
 
 
-def test_torch_alone_accepts_a_wrongly_shaped_optimizer_state(good):
+def test_check_optimizer_state_refuses_a_moment_torch_accepts(good):
     ckpt = load_checkpoint(good / "last.pt")
-    BAD_STATE["moment of the wrong shape"][0](ckpt)
+    make, message = BAD_STATE["moment of the wrong shape"]
+    make(ckpt)
     opt = torch.optim.Adam(models.build_predictor("product_mlp").net.parameters())
-    opt.load_state_dict(ckpt["resume"]["optimizer"])  # no error here; the check in train.fit is needed
+    opt.load_state_dict(ckpt["resume"]["optimizer"])  # torch alone accepts it: it checks only parameter counts
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_optimizer_state(opt)
 
 
 @pytest.mark.parametrize("name", BAD_STATE)

@@ -7,6 +7,7 @@ BentoML reads BENTOML_HOME once, at import.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,10 +16,8 @@ import onnx
 import pytest
 import torch
 from conftest import PRODUCT, REPO, train, write_image_set
-from onnx import numpy_helper
 
-from export.main import ExportOptions, main, verify_and_register, write_artifacts
-from export.parity import ParityError
+from export.main import main
 from models.checkpoint import load_checkpoint, predictor_from_checkpoint, save_checkpoint
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -117,22 +116,44 @@ def test_classifier_contract_takes_unit_pixels(runs, tmp_path):
     assert len(contract["classes"]) == 10 and contract["classes"][0] == "T-shirt/top"
 
 
-def test_corrupted_onnx_fails_parity_and_is_not_registered(runs, tmp_path, monkeypatch):
-    home = tmp_path / "bentoml"
-    monkeypatch.setenv("BENTOML_HOME", str(home))  # in case registration were (wrongly) reached
-    opts = ExportOptions(checkpoint=runs / "product" / "best.pt", out=tmp_path / "export", formats=("onnx",))
+CORRUPTED_EXPORT = """
+import sys
+import numpy as np, onnx
+from onnx import numpy_helper
+import export.main as export_main
+write_artifacts = export_main.write_artifacts
+
+def corrupted(opts):  # the real artifacts, then every ONNX weight 0.1% off: small, but far outside rtol 1e-5
     exported = write_artifacts(opts)
     model = onnx.load(str(exported.files["onnx"]))
     weights = [t for t in model.graph.initializer if t.name.endswith("weight")]
     assert weights
-    for t in weights:  # 0.1% off: small, but far outside rtol 1e-5
+    for t in weights:
         t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.001), t.name))
     onnx.save(model, str(exported.files["onnx"]))
-    with pytest.raises(ParityError, match=r"parity failed for onnx at batch 1: max abs error .* at input 0"):
-        verify_and_register(exported, opts)
+    return exported
+
+export_main.write_artifacts = corrupted
+sys.exit(export_main.main(sys.argv[1:]))
+"""
+
+
+def test_corrupted_onnx_fails_parity_and_is_not_registered(runs, tmp_path):
+    """`export.main.main` with registration on and the ONNX file corrupted between writing and parity.
+    Export and the store listing each run in a fresh process with BENTOML_HOME set before bentoml is
+    imported, so the store checked is the one a wrong registration would have written to, whatever
+    imported bentoml earlier in this pytest process."""
+    home = tmp_path / "bentoml"
+    done = subprocess.run([sys.executable, "-c", CORRUPTED_EXPORT, "--checkpoint", str(runs / "product" / "best.pt"),
+                           "--out", str(tmp_path / "export"), "--format", "onnx"], cwd=REPO,
+                          env={**ENV, "BENTOML_HOME": str(home)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert re.fullmatch(r"error: parity failed for onnx at batch 1: max abs error .* at input 0, .*; nothing registered "
+                        r"\(details in parity\.json\)\n", done.stderr), done.stderr
+    assert "registered  " not in done.stdout
     report = json.loads((tmp_path / "export" / "parity.json").read_text())
     assert report["passed"] is False and all(not c["passed"] for c in report["checks"])
-    assert not (home / "models").exists() or not any((home / "models").iterdir())
+    assert store_entries(home) == []
 
 
 @pytest.mark.slow
