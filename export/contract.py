@@ -1,77 +1,48 @@
-"""The I/O contract of an exported model: raw units in, raw units out.
+"""The I/O contract of an exported model: raw units in, raw units out, as its task declares them.
 
-product:     x [batch, 2] float32, raw X1, X2     -> y [batch, 1] float32, the denormalized X1*X2
-classifiers: image [batch, 1, 28, 28] float32 in [0, 1] -> logits [batch, n_classes] float32
+    product:      x [batch, 2] float32, raw X1, X2              -> y [batch, 1] float32, X1*X2
+    image tasks:  image [batch, 1, 28, 28] float32 in [0, 1]    -> logits [batch, 10] float32
+    a user's task: its Input and Output, whatever their names and shapes
 
-Training sees image pixels in 0..255 (its raw units); the exported graph takes [0, 1], the
-convention of image tooling, and scales by `pixel_scale` inside the graph. HTTP clients send
-0..255 and the service divides by `pixel_scale`.
+The contract is written once, here, into contract.json and the ONNX file's metadata; the server
+reads it (and checks it against the graph's own inputs and outputs) and never imports a task.
 """
 
 from typing import Any
 
 import torch
-from torch import nn
 
-from models import Predictor, input_shape, is_regression
-from models.checkpoint import CheckpointError
-from models.product import INPUT_RANGE
+from models import Predictor
 
-PIXEL_SCALE = 255.0
+CONTRACT_VERSION = 2
 
 
-class RawUnits(nn.Module):
-    """The module that is traced: the trained Predictor behind the contract's input scaling."""
-
-    def __init__(self, predictor: Predictor, input_scale: float = 1.0):
-        super().__init__()
-        self.predictor = predictor
-        self.input_scale = input_scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.predictor(x * self.input_scale if self.input_scale != 1.0 else x)
+class ContractError(Exception):
+    """The network does not compute what its task declares; the message is one line."""
 
 
-def contract_of(ckpt: dict[str, Any], predictor: Predictor) -> dict[str, Any]:
-    """The contract for a loaded checkpoint and the predictor rebuilt from it, as plain JSON-able values.
-
-    Shapes and normalization come from the architecture and the weights, which the checkpoint's
-    loading has validated; of the checkpoint's descriptive fields only `classes` is used, and checked.
-    """
-    task, arch = ckpt["task"], ckpt["arch"]
-    shape = list(input_shape(arch))
+def contract_of(task, predictor: Predictor) -> dict[str, Any]:
+    """The contract of `task`'s (a t2d.Task) trained `predictor`, as plain JSON-able values."""
+    inp, out = task.input, task.output
+    with torch.no_grad():
+        got = tuple(predictor.eval()(torch.zeros(2, *inp.shape)).shape)
+    if got != (2, out.size):
+        raise ContractError(f"task {task.name}'s network maps a batch of 2 inputs to shape {list(got)}, "
+                            f"its Output {out.name} says {[2, out.size]}")
     norm = {"input": predictor.input_norm.to_dict()}
     if predictor.target_norm is not None:
         norm["target"] = predictor.target_norm.to_dict()
-    if is_regression(arch):
-        return {
-            "task": task, "kind": "regression",
-            "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", *shape],
-                        "description": "raw X1, X2"}],
-            "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 1],
-                         "description": "predicted X1*X2 in raw units"}],
-            "classes": None,
-            "train_range": [list(INPUT_RANGE), list(INPUT_RANGE)],  # [low, high) per input
-            "pixel_scale": None,
-            "normalization": norm,
-        }
-    with torch.no_grad():
-        outputs = predictor(torch.zeros(1, *shape)).shape[1]
-    classes = ckpt.get("classes")
-    if not (isinstance(classes, list) and len(classes) == outputs and all(isinstance(c, str) for c in classes)):
-        raise CheckpointError(f"checkpoint's classes must be a list of {outputs} names, got {str(classes)[:80]}")
     return {
-        "task": task, "kind": "classification",
-        "inputs": [{"name": "image", "dtype": "float32", "shape": ["batch", *shape],
-                    "description": "grayscale pixels in [0, 1]"}],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", len(classes)],
-                     "description": "unnormalized class scores; softmax gives probabilities"}],
-        "classes": classes,
-        "train_range": None,
-        "pixel_scale": PIXEL_SCALE,  # HTTP pixels 0..255 / pixel_scale = the model's input
-        "normalization": norm,  # statistics in training's units (pixels 0..255)
+        "contract_version": CONTRACT_VERSION,
+        "task": task.name,
+        "kind": task.kind,
+        "inputs": [{"name": inp.name, "dtype": inp.dtype, "shape": ["batch", *inp.shape],
+                    "range": list(inp.range) if inp.range else None, "description": inp.description}],
+        "outputs": [{"name": out.name, "dtype": "float32", "shape": ["batch", out.size],
+                     "description": out.description}],
+        "classes": list(task.classes) if task.classes else None,
+        # [low, high) per feature of the training data: answers outside it are flagged as extrapolated.
+        "train_range": [list(r) for r in inp.train_range] if inp.train_range else None,
+        "normalization": norm,  # inside the graph already; for people reading the contract
+        "variant": "fp32",
     }
-
-
-def traced_module(predictor: Predictor, contract: dict[str, Any]) -> RawUnits:
-    return RawUnits(predictor, contract["pixel_scale"] or 1.0).eval()

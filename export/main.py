@@ -2,6 +2,10 @@
 
     python -m export --format all                      # runs/product/best.pt -> runs/product/export
     python -m export --format onnx --checkpoint runs/fashion-mnist/best.pt --out exports/fmnist
+    python -m export --task my_task:TASK --checkpoint runs/mine/best.pt   # a task of your own
+
+A checkpoint of a user's own task names the task's --task, but export imports a user's code only
+when the command line names it: without --task it stops and says which --task to pass.
 
 Nothing is registered unless every artifact matches the eager model on held-out inputs.
 Exit status: 0 done, 1 parity failed, 2 a user error (bad option, missing or foreign checkpoint).
@@ -20,7 +24,8 @@ import torch
 from export import parity
 from export.artifacts import FORMATS, ONNX_FILE, TORCHSCRIPT_FILE, ExportError, onnx_metadata, write_json, \
     write_onnx, write_torchscript
-from export.contract import contract_of, traced_module
+import t2d
+from export.contract import ContractError, contract_of
 from export.parity import ParityError
 from export.store import register
 from models.checkpoint import CheckpointError, first_line, load_checkpoint, predictor_from_checkpoint
@@ -34,6 +39,7 @@ PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "bentoml", "numpy")
 @dataclass
 class ExportOptions:
     checkpoint: Path = DEFAULT_CHECKPOINT
+    task: str | None = None  # a user's task, module:ATTRIBUTE; None: the checkpoint's built-in task
     out: Path | None = None  # None: <checkpoint's folder>/export
     formats: tuple[str, ...] = FORMATS
     atol: float = 1e-5
@@ -45,6 +51,7 @@ class ExportOptions:
 
 @dataclass
 class Exported:
+    task: t2d.Task
     ckpt: dict[str, Any]
     module: torch.nn.Module  # the eager raw-units module every artifact is checked against
     contract: dict[str, Any]
@@ -67,6 +74,8 @@ def parse_args(argv: list[str]) -> ExportOptions:
     p = _Parser(prog="python -m export", description="Export a checkpoint to ONNX/TorchScript, prove parity, "
                                                       "register it in BentoML's model store.")
     p.add_argument("--format", default="all", choices=[*FORMATS, "all"], help="artifacts to write (default: all)")
+    p.add_argument("--task", help="the checkpoint's task when it is not built in: module:ATTRIBUTE, as passed to "
+                                  "`python -m train` (default: the checkpoint's built-in task)")
     p.add_argument("--checkpoint", type=_path, default=DEFAULT_CHECKPOINT,
                    help=f"checkpoint to export (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--out", type=_path, help="output folder (default: export/ beside the checkpoint)")
@@ -74,7 +83,7 @@ def parse_args(argv: list[str]) -> ExportOptions:
     p.add_argument("--rtol", type=float, default=1e-5, help="parity: relative tolerance (default: 1e-5)")
     p.add_argument("--batch-sizes", default="1,7,1024", help="parity batch sizes, comma-separated (default: 1,7,1024)")
     p.add_argument("--data-dir", type=_path,
-                   help="folder with the classifier's IDX test images (default: the run's data.dir)")
+                   help="the task's data folder, for parity inputs from its test split (default: the run's data.dir)")
     p.add_argument("--no-register", action="store_true", help="write and check the artifacts only")
     a = p.parse_args(argv)
     try:
@@ -92,7 +101,9 @@ def parse_args(argv: list[str]) -> ExportOptions:
         nearest = next(f for f in (a.out, *a.out.parents) if f.exists())
         if not nearest.is_dir():
             raise ValueError(f"--out {a.out} cannot be a folder: {nearest} is a file")
-    return ExportOptions(checkpoint=a.checkpoint, out=a.out, formats=FORMATS if a.format == "all" else (a.format,),
+    if a.task == "":
+        raise ValueError("--task needs a value")
+    return ExportOptions(checkpoint=a.checkpoint, task=a.task, out=a.out, formats=FORMATS if a.format == "all" else (a.format,),
                          atol=a.atol, rtol=a.rtol, batch_sizes=sizes,
                          data_dir=None if a.data_dir is None else str(a.data_dir),
                          register=not a.no_register)
@@ -104,9 +115,9 @@ def write_artifacts(opts: ExportOptions) -> Exported:
         raise CheckpointError(f"no checkpoint at {DEFAULT_CHECKPOINT}: train one with `python -m train` "
                               "or pass --checkpoint PATH")
     ckpt = load_checkpoint(opts.checkpoint)  # refuses foreign, mismatched and non-finite weights, as --resume does
-    predictor = predictor_from_checkpoint(ckpt)
-    contract = contract_of(ckpt, predictor)
-    module = traced_module(predictor, contract)
+    task = task_of(ckpt, opts)
+    module = predictor_from_checkpoint(ckpt, task)
+    contract = contract_of(task, module)
     out = opts.out or opts.checkpoint.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -117,12 +128,31 @@ def write_artifacts(opts: ExportOptions) -> Exported:
     if "torchscript" in opts.formats:
         files["torchscript"] = out / TORCHSCRIPT_FILE
         write_torchscript(module, contract, files["torchscript"])
-    return Exported(ckpt, module, contract, files, out)
+    return Exported(task, ckpt, module, contract, files, out)
+
+
+def task_of(ckpt: dict[str, Any], opts: ExportOptions) -> t2d.Task:
+    """The checkpoint's task: the --task given (which must be that task), else its built-in task."""
+    name, ref = ckpt["task"], ckpt.get("task_ref")
+    if opts.task is None:
+        task = None if ref else t2d.builtin_tasks().get(name)
+        if task is None:
+            hint = f"--task {ref}" if ref else "--task module:ATTRIBUTE (the task's Python file)"
+            raise ValueError(f"{opts.checkpoint} was trained on task {name}, which is not built in; pass {hint} "
+                             "(export imports a task's code only when the command line names it)")
+        return task
+    try:
+        task = t2d.resolve(opts.task)
+    except t2d.TaskError as e:
+        raise ValueError(str(e)) from None
+    if task.name != name:
+        raise ValueError(f"--task {opts.task} is task {task.name}; {opts.checkpoint} was trained on task {name}")
+    return task
 
 
 def verify_and_register(exp: Exported, opts: ExportOptions) -> tuple[dict[str, Any], str | None]:
     """Check parity (writing parity.json either way); register only if it passed. Returns (report, tag)."""
-    inputs = parity.held_out_inputs(exp.ckpt, exp.contract, max(opts.batch_sizes), opts.data_dir)
+    inputs = parity.held_out_inputs(exp.task, exp.ckpt, max(opts.batch_sizes), opts.data_dir)
     report = parity.check(exp.module, exp.contract, exp.files, inputs, opts.batch_sizes, opts.atol, opts.rtol)
     report["checkpoint"] = str(opts.checkpoint)
     write_json(exp.out / PARITY_FILE, report)
@@ -131,13 +161,14 @@ def verify_and_register(exp: Exported, opts: ExportOptions) -> tuple[dict[str, A
     if not opts.register:
         return report, None
     files = {**exp.files, "parity": exp.out / PARITY_FILE}
-    return report, register(exp.ckpt["task"], files, exp.contract, store_metadata(exp, report, opts))
+    return report, register(exp.task.name, files, exp.contract, store_metadata(exp, report, opts))
 
 
 def store_metadata(exp: Exported, report: dict[str, Any], opts: ExportOptions) -> dict[str, Any]:
     ckpt = exp.ckpt
     return {
-        "task": ckpt["task"],
+        "task": exp.task.name,
+        "task_ref": ckpt.get("task_ref"),
         "arch": ckpt["arch"],
         "contract": exp.contract,
         "normalization": exp.contract["normalization"],
@@ -191,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as e:
         print(f"error: {e}; nothing registered (details in parity.json)", file=sys.stderr)
         return 1
-    except (ValueError, CheckpointError, ExportError, OSError) as e:
+    except (ValueError, CheckpointError, ContractError, ExportError, OSError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 from models.checkpoint import first_line
-from models.product import INPUT_RANGE
 
-INPUT_SEED = 20261123  # parity inputs are fresh: neither the training seeds nor the test seed 123
+INPUT_SEED = 20261123  # random parity inputs are fresh: neither the training seeds nor the product test seed 123
 
 
 class ParityError(Exception):
@@ -30,28 +29,44 @@ class Inputs:
     source: str  # where they came from, for parity.json
 
 
-def held_out_inputs(ckpt: dict[str, Any], contract: dict[str, Any], n: int, data_dir: str | None) -> Inputs:
-    """Product: a fresh uniform draw over the training square. Classifier: the first n test images."""
-    g = torch.Generator().manual_seed(INPUT_SEED)
-    if contract["kind"] == "regression":
-        low, high = INPUT_RANGE
-        return Inputs(low + (high - low) * torch.rand(n, 2, generator=g), f"{n} fresh points, uniform [1, 10), seed {INPUT_SEED}")
-    try:
-        # The test images are read exactly as training reads them (train.data), from the folder the
-        # run used unless --data-dir says otherwise.
-        from train.data import find_idx_files, read_idx
+def held_out_inputs(task, ckpt: dict[str, Any], n: int, data_dir: str | None) -> Inputs:
+    """n raw inputs the model was not trained on: the task's own `parity_inputs`, else the first n of its
+    test split (repeated if it has fewer), read as training read it; where the data cannot be had here,
+    random inputs over the input's range (or its training statistics), and the source says so."""
+    import t2d
 
-        folder = data_dir if data_dir is not None else (ckpt.get("config") or {}).get("data", {}).get("dir", "")
-        path = find_idx_files(contract["task"], folder or "", download=False)["test_images"]
-        images = read_idx(path)[:n]
-    except Exception as e:  # no dataset here: still check parity, on random images, and say so
-        images = None
-        reason = first_line(e)
-    if images is None or len(images) < n or images.shape[1:] != (28, 28):
-        x = torch.rand(n, 1, 28, 28, generator=g)
-        return Inputs(x, f"{n} random images, uniform [0, 1] (test images unavailable: {reason if images is None else 'too few'})")
-    x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1) / contract["pixel_scale"]
-    return Inputs(x, f"first {n} test images of {path}")
+    g = torch.Generator().manual_seed(INPUT_SEED)
+    if task.parity_inputs is not None:
+        return Inputs(task.parity_inputs(n, g).float(), f"{n} inputs from task {task.name}'s parity_inputs, "
+                                                       f"seed {INPUT_SEED}")
+    config = ckpt.get("config") or {}
+    data, run = config.get("data") or {}, config.get("run") or {}
+    fields = {k: data[k] for k in ("dir", "size", "val_size", "test_size", "test_seed") if k in data}
+    if data_dir is not None:
+        fields["dir"] = data_dir
+    try:
+        opts = t2d.DataOptions(**fields, seed=run.get("seed", 0), download=False)
+        x = task.data(opts).test
+        x = x[0] if isinstance(x, (tuple, list)) else torch.stack([torch.as_tensor(x[i][0]) for i in range(min(n, len(x)))])
+        x = torch.as_tensor(x).float()
+        if tuple(x.shape[1:]) != task.input.shape or not len(x):
+            raise ValueError(f"test inputs of shape {list(x.shape)}")
+        source = f"first {min(n, len(x))} test inputs of task {task.name}" + (f", repeated to {n}" if len(x) < n else "")
+        return Inputs(x[torch.arange(n) % len(x)], source)
+    except Exception as e:  # no data here (another machine, no folder): still check parity, and say on what
+        reason = first_line(e)[:200]
+    shape = (n, *task.input.shape)
+    if task.input.range is not None:
+        low, high = task.input.range
+        x = low + (high - low) * torch.rand(shape, generator=g)
+        what = f"uniform in [{low:g}, {high:g}]"
+    else:
+        norm = (ckpt.get("normalization") or {}).get("input") or {}
+        mean = torch.tensor(norm.get("mean", [0.0])).reshape(task.input.stats_shape)
+        std = torch.tensor(norm.get("std", [1.0])).reshape(task.input.stats_shape)
+        x = mean + std * torch.randn(shape, generator=g)
+        what = "normal with the training mean and std"
+    return Inputs(x, f"{n} random inputs, {what}, seed {INPUT_SEED} (test data unavailable: {reason})")
 
 
 def runners(module: nn.Module, contract: dict[str, Any], files: dict[str, Path]) -> dict[str, Callable]:

@@ -2,7 +2,9 @@
 
 Keys (all plain Python types or tensors, so `torch.load(..., weights_only=True)` accepts them):
   format, format_version   identify the file as ours
-  task, arch, model_config everything needed to rebuild the network
+  task, task_ref, kind     the task's name; for a user's own task, the --task it was trained with
+                           (never imported because a checkpoint names it: `python -m export` asks for --task)
+  arch, model_config       with the task, everything needed to rebuild the network
   state_dict               weights of the whole `Predictor`, normalization buffers included
   normalization            the same statistics as plain lists, for people and for serving
   input_shape, classes     what one input sample is and what the outputs mean
@@ -25,8 +27,10 @@ import torch
 from models import Predictor, build_predictor
 
 FORMAT = "train-to-deploy/checkpoint"
-FORMAT_VERSION = 1
+# 2: networks sized by their task (no in_features / num_classes in model_config), image pixels in [0, 1].
+FORMAT_VERSION = 2
 REQUIRED = ("task", "arch", "model_config", "state_dict", "epoch")
+V1_IMAGE_ARCHS = ("mlp", "cnn")  # version 1 trained these on pixels 0..255
 
 
 class CheckpointError(Exception):
@@ -59,8 +63,11 @@ def save_checkpoint(payload: dict[str, Any] | bytes, path: str | os.PathLike) ->
         raise
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and check a checkpoint; raises CheckpointError with a one-line reason."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", task=None) -> dict[str, Any]:
+    """Read and check a checkpoint; raises CheckpointError with a one-line reason.
+
+    Its weights are checked against the network of `task` (a t2d.Task), or of its own task when that is
+    built in; a user's task the caller has not given yet is checked by `validate_checkpoint` later."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -87,11 +94,35 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     epoch = ckpt["epoch"]
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
         raise CheckpointError(f"checkpoint {path} has no valid epoch count ({epoch!r})")
-    validate_checkpoint(ckpt, f"checkpoint {path}")
+    if not isinstance(ckpt["task"], str) or not isinstance(ckpt["model_config"], dict):
+        raise CheckpointError(f"checkpoint {path} has no valid task name or model_config")
+    if version < 2:
+        _upgrade_v1(ckpt)
+    if task is None:
+        import t2d
+
+        task = t2d.builtin_tasks().get(ckpt["task"]) if not ckpt.get("task_ref") else None
+    if task is not None:
+        validate_checkpoint(ckpt, task, f"checkpoint {path}")
     return ckpt
 
 
-def validate_checkpoint(ckpt: dict[str, Any], name: str = "checkpoint") -> None:
+def _upgrade_v1(ckpt: dict[str, Any]) -> None:
+    """A version-1 checkpoint in today's terms: sizes left to the task, image statistics in [0, 1] units."""
+    for d in (ckpt["model_config"], (ckpt.get("config") or {}).get("model") or {}):
+        d.pop("in_features", None)
+        d.pop("num_classes", None)
+    if ckpt["arch"] in V1_IMAGE_ARCHS and isinstance(ckpt.get("state_dict"), dict):
+        for key in ("input_norm.mean", "input_norm.std"):
+            if isinstance(ckpt["state_dict"].get(key), torch.Tensor):
+                ckpt["state_dict"][key] = ckpt["state_dict"][key] / 255.0
+        norm = (ckpt.get("normalization") or {}).get("input")
+        if isinstance(norm, dict):
+            ckpt["normalization"]["input"] = {k: [v / 255.0 for v in vs] if isinstance(vs, list) else vs
+                                              for k, vs in norm.items()}
+
+
+def validate_checkpoint(ckpt: dict[str, Any], task, name: str = "checkpoint") -> None:
     """Raise CheckpointError (one line, starting with `name`) unless the checkpoint's weights are exactly
     those of a fresh network of its architecture: the same keys, shapes and dtypes, and all finite.
 
@@ -100,9 +131,11 @@ def validate_checkpoint(ckpt: dict[str, Any], name: str = "checkpoint") -> None:
     config that asks for a huge network costs no memory.
     """
     arch = ckpt.get("arch")
+    if ckpt.get("task") != task.name:
+        raise CheckpointError(f"{name} was trained on task {ckpt.get('task')!r}, not {task.name!r}")
     try:
         with torch.device("meta"):
-            expected = build_predictor(arch, ckpt.get("model_config")).state_dict()
+            expected = build_predictor(task, arch, ckpt.get("model_config")).state_dict()
     except (ValueError, TypeError, KeyError, RuntimeError, OverflowError) as e:  # unknown arch, bad config
         raise CheckpointError(f"{name} does not match its architecture {arch!r}: {first_line(e)}") from None
     problem = weights_problem(ckpt.get("state_dict"), expected)
@@ -134,10 +167,10 @@ def weights_problem(state_dict: Any, expected: dict[str, torch.Tensor]) -> str |
     return None
 
 
-def predictor_from_checkpoint(ckpt: dict[str, Any]) -> Predictor:
-    """Rebuild the trained Predictor from a loaded checkpoint alone, in eval mode."""
-    validate_checkpoint(ckpt)
-    model = build_predictor(ckpt["arch"], ckpt["model_config"])
+def predictor_from_checkpoint(ckpt: dict[str, Any], task) -> Predictor:
+    """Rebuild the trained Predictor of `task` (a t2d.Task) from a loaded checkpoint, in eval mode."""
+    validate_checkpoint(ckpt, task)
+    model = build_predictor(task, ckpt["arch"], ckpt["model_config"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
 

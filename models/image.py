@@ -1,5 +1,8 @@
-"""Image classifiers for 28x28 grey images (MNIST, Fashion-MNIST): the reference MLP and a small CNN."""
+"""Image classifiers: the reference MLP (784-128-10 on 28x28 grey images) and a small CNN.
 
+Both take their input shape (channels, height, width) and number of classes from the task."""
+
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -10,27 +13,26 @@ from torch import nn
 class MLPConfig:
     hidden: int = 128
     """Hidden width; 128 is the reference 784-128-10 network."""
-    num_classes: int = 10
     dropout: float = 0.0
     """Dropout after the hidden layer; 0 disables it (the reference has none)."""
 
     def __post_init__(self):
-        if self.hidden < 1 or self.num_classes < 2:
-            raise ValueError("model.hidden must be >= 1 and model.num_classes >= 2")
+        if self.hidden < 1:
+            raise ValueError("model.hidden must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: MLPConfig):
+    def __init__(self, cfg: MLPConfig, in_shape: tuple[int, ...], num_classes: int):
         super().__init__()
-        self.fc1 = nn.Linear(28 * 28, cfg.hidden)
+        self.fc1 = nn.Linear(math.prod(in_shape), cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
-        self.fc2 = nn.Linear(cfg.hidden, cfg.num_classes)
+        self.fc2 = nn.Linear(cfg.hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)  # (B, 1, 28, 28) -> (B, 784)
-        return self.fc2(self.drop(torch.relu(self.fc1(x))))  # -> (B, 10) logits
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))  # -> (B, classes) logits
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -40,7 +42,6 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 class CNNConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     """Output channels of the three 3x3 conv blocks; each block halves the image (28 -> 14 -> 7 -> 3)."""
-    num_classes: int = 10
     dropout: float = 0.2
     """Dropout before the classifier layer."""
     activation: str = "relu"
@@ -61,8 +62,6 @@ class CNNConfig:
     def __post_init__(self):
         if len(self.channels) != 3 or any(c < 1 for c in self.channels):
             raise ValueError(f"model.channels must be three positive widths, got {self.channels}")
-        if self.num_classes < 2:
-            raise ValueError("model.num_classes must be >= 2")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.activation not in ACTIVATIONS:
@@ -91,18 +90,22 @@ def _conv_block(c_in: int, c_out: int, activation: str = "relu", convs: int = 1,
 class CNN(nn.Module):
     """Three conv blocks and one linear layer (two with `hidden`): about 62K parameters with the defaults."""
 
-    def __init__(self, cfg: CNNConfig):
+    def __init__(self, cfg: CNNConfig, in_shape: tuple[int, ...], num_classes: int):
         super().__init__()
+        channels, height, width = in_shape
+        if min(height, width) < 8:
+            raise ValueError(f"the CNN halves the image three times: it needs at least 8x8 pixels, got {height}x{width}")
         c1, c2, c3 = cfg.channels
         self.features = nn.Sequential(*(
             _conv_block(c_in, c_out, cfg.activation, n, cfg.pool_first)
-            for c_in, c_out, n in zip((1, c1, c2), cfg.channels, cfg.convs_per_block, strict=True)))
+            for c_in, c_out, n in zip((channels, c1, c2), cfg.channels, cfg.convs_per_block, strict=True)))
+        flat = c3 * (height // 8) * (width // 8)  # three 2x2 poolings, each rounding down
         self.drop = nn.Dropout(cfg.dropout)
         # Identity (no parameters, no state_dict keys) unless a hidden layer is asked for.
-        self.hidden = nn.Sequential(nn.Linear(c3 * 3 * 3, cfg.hidden), ACTIVATIONS[cfg.activation](),
+        self.hidden = nn.Sequential(nn.Linear(flat, cfg.hidden), ACTIVATIONS[cfg.activation](),
                                     nn.Dropout(cfg.dropout)) if cfg.hidden else nn.Identity()
-        self.fc = nn.Linear(cfg.hidden or c3 * 3 * 3, cfg.num_classes)
+        self.fc = nn.Linear(cfg.hidden or flat, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)  # (B, 1, 28, 28) -> (B, c3, 3, 3)
-        return self.fc(self.hidden(self.drop(x.flatten(1))))  # -> (B, 10) logits
+        return self.fc(self.hidden(self.drop(x.flatten(1))))  # -> (B, classes) logits

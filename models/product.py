@@ -1,20 +1,16 @@
-"""The product regressor: an MLP that maps standardized (X1, X2) to standardized X1*X2."""
+"""An MLP for vector inputs: the product regressor (standardized X1, X2 -> standardized X1*X2), and any
+task whose samples are feature vectors."""
 
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-# X1 and X2 are drawn uniform in [LOW, HIGH), as the reference script draws them; a prediction
-# outside this square is an extrapolation (serving flags it).
-INPUT_RANGE = (1.0, 10.0)
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
 
 
 @dataclass
 class ProductMLPConfig:
-    in_features: int = 2
-    """Inputs per sample (X1, X2)."""
     hidden: list[int] = field(default_factory=lambda: [16, 8])
     """Hidden layer widths; [16, 8] is the reference architecture 2-16-8-1."""
     activation: str = "relu"
@@ -32,17 +28,19 @@ class ProductMLPConfig:
 
 
 class ProductMLP(nn.Module):
-    def __init__(self, cfg: ProductMLPConfig):
+    """in_features -> hidden widths -> out_features; the sizes come from the task."""
+
+    def __init__(self, cfg: ProductMLPConfig, in_features: int, out_features: int = 1):
         super().__init__()
         layers: list[nn.Module] = []
-        width = cfg.in_features
+        width = in_features
         for h in cfg.hidden:
             layers += [nn.Linear(width, h), ACTIVATIONS[cfg.activation]()]
             if cfg.dropout > 0:
                 layers.append(nn.Dropout(cfg.dropout))
             width = h
-        layers.append(nn.Linear(width, 1))
+        layers.append(nn.Linear(width, out_features))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)  # (B, 2) -> (B, 1)
+        return self.layers(x)  # (B, in_features) -> (B, out_features)

@@ -1,10 +1,11 @@
 """Run configuration: one dataclass per concern, defaults in code, an optional YAML file, CLI overrides.
 
-Precedence, lowest first: code defaults -> task defaults (TASK_DEFAULTS) -> the checkpoint's config
+Precedence, lowest first: code defaults -> the task's defaults (`Task.defaults`) -> the checkpoint's config
 when resuming -> `--config FILE.yaml` -> `--section.field value` flags. Unknown keys and values of
 the wrong type raise ConfigError with a one-line message.
 """
 
+import functools
 import math
 import types
 import typing
@@ -14,15 +15,12 @@ from typing import Any
 
 import yaml
 
-import models
+import t2d
 
-TASKS = ("product", "mnist", "fashion-mnist")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "lbfgs")
 SCHEDULERS = ("none", "step", "cosine", "plateau", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MONITORS = {"product": ("loss", "mse", "mae", "mre"), "image": ("loss", "accuracy")}
-IMAGE_CLASSES = 10  # MNIST and Fashion-MNIST labels are 0..9
 MAX_SEED = 2**63 - 1  # any seed torch's generators take, with room for seed + epoch
 MAX_POINTS = 10**8  # product data sizes
 MAX_THREADS = 1024  # torch.set_num_threads takes a C int; more threads than this is a typo
@@ -35,9 +33,9 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     task: str = "product"
-    """product | mnist | fashion-mnist."""
+    """A built-in task (product | mnist | fashion-mnist) or module:ATTRIBUTE naming a user's t2d.Task."""
     out: str = ""
-    """Run folder for checkpoints and logs; empty means runs/<task>."""
+    """Run folder for checkpoints and logs; empty means runs/<task name>."""
     epochs: int = 10
     """Maximum number of epochs (the run may stop earlier, see `stop`)."""
     seed: int = 0
@@ -58,7 +56,6 @@ class RunConfig:
     waiting for it: a 0.5 s run took 6-18 s with 2 threads on 2 shared cores (measured)."""
 
     def check(self):
-        _choice("run.task", self.task, TASKS)
         _choice("run.device", self.device, DEVICES)
         _choice("run.precision", self.precision, PRECISIONS)
         _at_least("run.epochs", self.epochs, 1)
@@ -75,24 +72,26 @@ class RunConfig:
 @dataclass
 class DataConfig:
     dir: str = ""
-    """Folder with MNIST / Fashion-MNIST IDX files (or torchvision's layout); empty means data/<task>
-    and, for Fashion-MNIST, also Debian's /usr/share/datasets/fashion-mnist."""
+    """The task's data folder (t2d.DataOptions.dir). Built-in image tasks: MNIST / Fashion-MNIST IDX files
+    (or torchvision's layout); empty means data/<task> and, for Fashion-MNIST, also Debian's
+    /usr/share/datasets/fashion-mnist."""
     download: bool = True
-    """Try torchvision's download when the IDX files are missing."""
+    """Built-in image tasks: try torchvision's download when the IDX files are missing."""
     size: int = 1000
-    """product: training points (the reference uses 1000)."""
+    """Synthetic tasks (product): training points (the reference uses 1000)."""
     val_size: int = 200
-    """Validation points: fresh product points, or images held out of the training set."""
+    """Validation samples: fresh points (product), or held out of the training split when the task gives
+    no validation split."""
     test_size: int = 10000
-    """product: fresh test points, drawn with `test_seed` as the reference script does."""
+    """Synthetic tasks (product): fresh test points, drawn with `test_seed` as the reference script does."""
     test_seed: int = 123
-    """product: seed of the test set (123 is the reference's); 0 to 2**63 - 1."""
+    """Synthetic tasks (product): seed of the test set (123 is the reference's); 0 to 2**63 - 1."""
     batch_size: int = 100
     """Global batch size (split evenly across processes under torchrun)."""
     eval_batch_size: int = 2048
     """Batch size for validation and test passes."""
     crop_padding: int = 0
-    """Images: random-crop augmentation with this much zero padding (0 = off; 2 is typical; at most 27)."""
+    """Images: random-crop augmentation with this much zero padding (0 = off; 2 is typical; below the image's side)."""
     hflip: bool = False
     """Images: random horizontal flips (sensible for Fashion-MNIST, not for digits)."""
     skip_easiest: float = 0.0
@@ -107,8 +106,7 @@ class DataConfig:
         _at_least("data.batch_size", self.batch_size, 1)
         _at_least("data.eval_batch_size", self.eval_batch_size, 1)
         _between("data.test_seed", self.test_seed, 0, MAX_SEED)
-        # A shift of 28 pixels or more can move the whole 28x28 image out of its crop.
-        _between("data.crop_padding", self.crop_padding, 0, 27)
+        _at_least("data.crop_padding", self.crop_padding, 0)
         if not 0.0 <= self.skip_easiest < 1.0:
             raise ConfigError(f"data.skip_easiest must be in [0, 1), got {self.skip_easiest}")
 
@@ -232,17 +230,14 @@ class LogConfig:
 SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "sched": SchedConfig,
             "stop": StopConfig, "log": LogConfig}
 
-# What changes with the task when the user says nothing: the reference scripts' settings.
-TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    # One thread for the tiny product MLP: with torch's default 2 threads on 2 busy cores, the default
-    # run took 500 s instead of ~8 s (measured from a fresh clone while another training ran).
-    "product": {"run": {"epochs": 1000, "threads": 1}, "model": {"arch": "product_mlp"},
-                "data": {"batch_size": 100}, "log": {"print_every": 50}},
-    "mnist": {"run": {"epochs": 5}, "model": {"arch": "mlp"},
-              "data": {"batch_size": 64, "val_size": 5000}},
-    "fashion-mnist": {"run": {"epochs": 5}, "model": {"arch": "mlp"},
-                      "data": {"batch_size": 64, "val_size": 5000}},
-}
+
+@functools.lru_cache(maxsize=None)
+def resolve_task(ref: str) -> t2d.Task:
+    """The Task of `run.task`, as a ConfigError when it cannot be had (a user's module is imported once)."""
+    try:
+        return t2d.resolve(ref)
+    except t2d.TaskError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -256,6 +251,10 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
+    def task(self) -> t2d.Task:
+        return resolve_task(self.run.task)
+
+    @property
     def arch(self) -> str:
         return self.model["arch"]
 
@@ -266,7 +265,7 @@ class Config:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.run.out or f"runs/{self.run.task}")
+        return Path(self.run.out or f"runs/{self.task.name}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -274,17 +273,17 @@ class Config:
     def check(self) -> "Config":
         for name in SECTIONS:
             getattr(self, name).check()
-        kind = "product" if self.run.task == "product" else "image"
-        _choice("stop.monitor", self.stop.monitor, MONITORS[kind])
-        if models.is_regression(self.arch) != (kind == "product"):
-            raise ConfigError(f"model.arch {self.arch!r} does not fit task {self.run.task!r}")
-        # The data fix the network's ends: two inputs for product, ten classes for the image tasks.
-        if kind == "product" and self.model.get("in_features") != models.input_shape(self.arch)[0]:
-            raise ConfigError(f"model.in_features must be {models.input_shape(self.arch)[0]} for task product "
-                              f"(inputs X1, X2), got {self.model.get('in_features')}")
-        if kind == "image" and self.model.get("num_classes") != IMAGE_CLASSES:
-            raise ConfigError(f"model.num_classes must be {IMAGE_CLASSES} for task {self.run.task} (labels 0..9), "
-                              f"got {self.model.get('num_classes')}")
+        task = self.task
+        _choice("stop.monitor", self.stop.monitor, task.monitors)
+        if self.arch not in task.models:
+            raise ConfigError(f"model.arch {self.arch!r} is not a model of task {task.name}; "
+                              f"choose one of {', '.join(task.models)}")
+        if self.data.crop_padding or self.data.hflip:
+            if not task.input.is_image:
+                raise ConfigError(f"data.crop_padding and data.hflip augment images; task {task.name}'s input "
+                                  f"{task.input.name} has shape {list(task.input.shape)}: set them to 0 and false")
+            # A shift of the image's side or more can move the whole image out of its crop.
+            _between("data.crop_padding", self.data.crop_padding, 0, min(task.input.shape[1:]) - 1)
         if self.sched.name in ("cosine", "plateau") and self.sched.min_lr > self.optim.lr:
             raise ConfigError(f"sched.min_lr {self.sched.min_lr} is above optim.lr {self.optim.lr}; "
                               f"sched.name {self.sched.name} would raise the rate, not lower it")
@@ -303,10 +302,12 @@ def build_config(task: str | None, layers: list[dict[str, Any]]) -> Config:
     """
     if task is None:
         task = next((l["run"]["task"] for l in reversed(layers) if "task" in (l.get("run") or {})), "product")
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; run.task must be one of {', '.join(TASKS)}")
+    task = coerce(task, str, "run.task")
     cfg = Config()
-    for layer in [TASK_DEFAULTS[task], *layers, {"run": {"task": task}}]:
+    cfg.run.task = task
+    defaults = {**cfg.task.defaults, "model": {"arch": cfg.task.arch, **cfg.task.defaults.get("model", {})}}
+    cfg.model = {}
+    for layer in [defaults, *layers, {"run": {"task": task}}]:
         _apply(cfg, layer)
     return cfg.check()
 
@@ -327,6 +328,8 @@ def _apply(cfg: Config, layer: dict[str, Any]) -> None:
         for key, value in values.items():
             if key not in hints:
                 raise ConfigError(f"unknown config key {section}.{key}; known: {', '.join(hints)}")
+            if (section, key) == ("run", "task"):  # fixed by build_config before any layer: --task, else the last layer's
+                continue
             setattr(obj, key, coerce(value, hints[key], f"{section}.{key}"))
 
 
@@ -335,9 +338,10 @@ def _apply_model(cfg: Config, values: dict[str, Any]) -> None:
     if "arch" in values and values["arch"] != merged.get("arch"):
         merged = {"arch": values["arch"]}  # a new architecture starts from its own defaults
     arch = coerce(merged.get("arch"), str, "model.arch")
-    if arch not in models.ARCHITECTURES:
-        raise ConfigError(f"unknown model.arch {arch!r}; choose one of {', '.join(models.ARCHITECTURES)}")
-    hints = typing.get_type_hints(models.ARCHITECTURES[arch][0])
+    task = cfg.task
+    if arch not in task.models:
+        raise ConfigError(f"unknown model.arch {arch!r} for task {task.name}; choose one of {', '.join(task.models)}")
+    hints = typing.get_type_hints(task.models[arch].config)
     for key, value in values.items():
         if key == "arch":
             continue
@@ -345,7 +349,7 @@ def _apply_model(cfg: Config, values: dict[str, Any]) -> None:
             raise ConfigError(f"unknown config key model.{key} for arch {arch}; known: arch, {', '.join(hints)}")
         merged[key] = coerce(value, hints[key], f"model.{key}")
     try:  # the dataclass's own __post_init__ checks ranges
-        model_cfg = models.model_config(arch, {k: v for k, v in merged.items() if k != "arch"})
+        model_cfg = task.model_config(arch, {k: v for k, v in merged.items() if k != "arch"})
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
     cfg.model = {"arch": arch, **asdict(model_cfg)}

@@ -99,9 +99,9 @@ def evaluate(model: Predictor, x: torch.Tensor, y: torch.Tensor, regression: boo
 
     Each process evaluates its own shard (every world_size-th sample) and the float64 sums are added
     up, so the result is the single-process one up to rounding (a float32 forward pass may round a
-    sample's output differently in a batch of another size: 1 ulp, measured). product: loss (MSE of
-    the standardized target, as in training), mse, mae, mre (%); images: loss, accuracy (%),
-    per_class accuracy, confusion.
+    sample's output differently in a batch of another size: 1 ulp, measured). Regression: loss (MSE of
+    the standardized target, as in training), mse, mae, mre (%), each over every target value;
+    classification: loss, accuracy (%), per_class accuracy, confusion.
     """
     model.eval()
     if shard and rt.distributed:
@@ -114,7 +114,7 @@ def evaluate(model: Predictor, x: torch.Tensor, y: torch.Tensor, regression: boo
             pred, true = model(x[i:i + batch_size]).double(), y[i:i + batch_size].double()
             err = pred - true
             sums += torch.stack([((err / std) ** 2).sum(), (err ** 2).sum(), err.abs().sum(),
-                                 (err.abs() / true.abs()).sum(), torch.tensor(float(len(err)), device=dev)])
+                                 (err.abs() / true.abs()).sum(), torch.tensor(float(err.numel()), device=dev)])
         s = all_reduce_sum(sums).tolist()
         n = s[4]
         return {"loss": s[0] / n, "mse": s[1] / n, "mae": s[2] / n, "mre": 100 * s[3] / n}

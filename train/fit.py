@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from models import Predictor, build_predictor, input_shape
+import t2d
+from models import Predictor, build_predictor
 from models.checkpoint import CheckpointError, first_line, load_checkpoint, save_checkpoint, serialize, weights_problem
 from train.config import Config, ConfigError
 from train.data import Augment, TaskData, batch_order
@@ -60,20 +61,22 @@ class Stopper:
 
 
 def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, resume: dict | None = None) -> FitResult:
-    regression = cfg.run.task == "product"
+    task = cfg.task
+    regression = task.regression
     torch.manual_seed(cfg.run.seed)  # the same initial weights in every process and every repeat
-    predictor = build_predictor(cfg.arch, cfg.model_fields)
+    predictor = build_predictor(task, cfg.arch, cfg.model_fields)
     if resume is not None:
         problem = weights_problem(resume["state_dict"], predictor.state_dict())  # its config vs its weights
         if problem:
             raise CheckpointError(f"the checkpoint's config does not describe its weights: {problem}")
         predictor.load_state_dict(resume["state_dict"])
     else:  # z-score statistics from the training split only
-        predictor.input_norm.fit(data.train_x, dims=(0,) if regression else (0, 1, 2, 3))
+        if task.input.normalize != "none":
+            predictor.input_norm.fit(data.train_x, dims=task.input.stats_dims)
         if regression:
             predictor.target_norm.fit(data.train_y)
     predictor.to(rt.device)
-    if not regression and rt.device.type == "cpu":
+    if task.input.is_image and rt.device.type == "cpu":
         # NHWC conv weights: oneDNN's fast CPU path, about 35% less time per CNN step (measured); no-op for MLPs.
         predictor.net.to(memory_format=torch.channels_last)
 
@@ -103,8 +106,9 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
     sched = build_scheduler(opt, cfg.sched, cfg.run.epochs, steps, mode, total_steps)
     scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
     augment = None
-    if not regression and (cfg.data.crop_padding or cfg.data.hflip):
-        black = float(predictor.input_norm(torch.zeros(1, device=rt.device)).item())  # a 0 pixel, standardized
+    if task.input.is_image and (cfg.data.crop_padding or cfg.data.hflip):
+        # A 0 pixel, standardized: the padding of crops (of the first channel, where each has its own statistics).
+        black = float(predictor.input_norm(torch.zeros(1, device=rt.device)).flatten()[0].item())
         augment = Augment(cfg.data.crop_padding, cfg.data.hflip, black)
     stopper = Stopper(mode, cfg.stop.min_delta)
     start = 0
@@ -118,7 +122,7 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
     kept_epoch = start if cfg.stop.keep == "last" else stopper.best_epoch
     if resume is not None and kept_epoch != start:
         # The best epoch came before the resumed one: its weights and metrics are in best.pt, not last.pt.
-        best_ckpt = load_checkpoint(out_dir / "best.pt") if (out_dir / "best.pt").is_file() else None
+        best_ckpt = load_checkpoint(out_dir / "best.pt", task=task) if (out_dir / "best.pt").is_file() else None
         if best_ckpt is not None and best_ckpt["epoch"] == stopper.best_epoch:
             best_state, best_metrics = best_ckpt["state_dict"], dict(best_ckpt.get("metrics", {}))
         else:
@@ -154,8 +158,7 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
             if keep:  # a clone, not copy.deepcopy: 1 ms less per improvement of a product epoch (measured)
                 best_state, best_metrics, kept_epoch = copy_tensors(predictor.state_dict()), val, epoch
             if rt.is_main:
-                saver.epoch(_payload(cfg, config, predictor, epoch, val, data.classes, opt, sched, scaler, stopper,
-                                     hard), keep)
+                saver.epoch(_payload(cfg, config, predictor, epoch, val, opt, sched, scaler, stopper, hard), keep)
             log.epoch(epoch, train_loss, val, lr, time.perf_counter() - t0, net, keep)
             stop = ("early_stopping" if cfg.stop.patience and stopper.bad_epochs >= cfg.stop.patience
                     else "target" if cfg.stop.target and val["loss"] <= cfg.stop.target else "")
@@ -171,7 +174,7 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
 def check_resume_state(cfg: Config, resume: dict) -> None:
     """Refuse, before a run writes anything, a resume checkpoint whose weights or optimizer state do not
     fit the model its config describes: `fit` loads the same state into the same model and optimizer."""
-    predictor = build_predictor(cfg.arch, cfg.model_fields)
+    predictor = build_predictor(cfg.task, cfg.arch, cfg.model_fields)
     problem = weights_problem(resume["state_dict"], predictor.state_dict())
     if problem:
         raise CheckpointError(f"the checkpoint's config does not describe its weights: {problem}")
@@ -345,20 +348,25 @@ def copy_tensors(obj):
     return obj
 
 
-def _payload(cfg: Config, config: dict, predictor: Predictor, epoch: int, metrics: dict, classes, opt, sched,
+def _payload(cfg: Config, config: dict, predictor: Predictor, epoch: int, metrics: dict, opt, sched,
              scaler, stopper: Stopper, hard: HardExamples | None) -> dict:
     """A self-describing checkpoint: the model alone rebuilds from it; the rest resumes training."""
+    task = cfg.task
     norm = {"input": predictor.input_norm.to_dict()}
     if predictor.target_norm is not None:
         norm["target"] = predictor.target_norm.to_dict()
     return {
-        "task": cfg.run.task,
+        "task": task.name,
+        # A user's task: where its code was found, so that export can say which --task to pass (it never
+        # imports code because a checkpoint names it).
+        "task_ref": None if t2d.is_builtin(task) else cfg.run.task,
+        "kind": task.kind,
         "arch": cfg.arch,
         "model_config": cfg.model_fields,
         "state_dict": {k: v.detach().cpu() for k, v in predictor.state_dict().items()},
         "normalization": norm,
-        "input_shape": list(input_shape(cfg.arch)),
-        "classes": classes,
+        "input_shape": list(task.input.shape),
+        "classes": list(task.classes) if task.classes else None,
         "metrics": metrics,
         "epoch": epoch,
         "config": config,

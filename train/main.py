@@ -3,6 +3,7 @@
     python -m train --task product --out runs/product
     python -m train --task fashion-mnist --config configs/fashion_mnist_cnn.yaml --epochs 15
     python -m train --resume runs/product/last.pt --epochs 2000
+    python -m train --task my_task:TASK --out runs/mine     # a t2d.Task of your own, in my_task.py
     torchrun --nproc_per_node=2 -m train --task mnist
 
 Writes to the run folder: config.yaml, last.pt, best.pt, metrics.jsonl, tensorboard/, summary.json,
@@ -20,9 +21,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from models.checkpoint import CheckpointError, first_line, load_checkpoint, remove_stale_temp_files, save_checkpoint
-from train.config import SECTIONS, TASKS, Config, ConfigError, build_config, load_yaml, parse_overrides
-from train.data import DataError, TaskData, load_task_data
+from models.checkpoint import CheckpointError, first_line, load_checkpoint, remove_stale_temp_files, save_checkpoint, \
+    validate_checkpoint
+from t2d import DataError, builtin_tasks
+from train.config import SECTIONS, Config, ConfigError, build_config, load_yaml, parse_overrides
+from train.data import TaskData, load_task_data
 from train.engine import NonFiniteLossError, evaluate, predict
 from train.fit import FitResult, check_resume_data, check_resume_state, fit
 from train.report import RunLog, fmt_metrics, read_history, scalars, write_json
@@ -38,10 +41,12 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str]) -> tuple[Config, dict | None]:
     """The resolved config, and the checkpoint to resume from (or None)."""
-    p = _Parser(prog="python -m train", description="Train a built-in task and write a run folder.",
+    p = _Parser(prog="python -m train", description="Train a task (built in, or a t2d.Task of your own) and write "
+                                                     "a run folder.",
                 epilog="Any config field can be set as --section.field value; sections: "
                        + ", ".join(["model", *SECTIONS]) + ". See configs/ and README.md.")
-    p.add_argument("--task", help=f"one of {', '.join(TASKS)} (default: product)")
+    p.add_argument("--task", help=f"{' | '.join(builtin_tasks())} | module:ATTRIBUTE, a t2d.Task in a Python file on "
+                                  "the path, e.g. my_task:TASK (default: product)")
     p.add_argument("--out", help="run folder (default: runs/<task>)")
     p.add_argument("--epochs", help="maximum epochs (default: 1000 for product, 5 for images)")
     p.add_argument("--seed", help="random seed (default: 0)")
@@ -66,8 +71,7 @@ def parse_args(argv: list[str]) -> tuple[Config, dict | None]:
         resume = load_checkpoint(args.resume)
         if not isinstance(resume.get("resume"), dict) or not isinstance(resume.get("config"), dict):
             raise CheckpointError(f"{args.resume} has no training state to resume from")
-        if args.task and args.task != resume["task"]:
-            raise ConfigError(f"--task {args.task} does not match the checkpoint's task {resume['task']}")
+        args.task = resume_task(args.task, resume, args.resume)
         layers.append(resume["config"])
     if args.config:
         layers.append(load_yaml(args.config))
@@ -80,8 +84,25 @@ def parse_args(argv: list[str]) -> tuple[Config, dict | None]:
     return cfg, resume
 
 
+def resume_task(given: str | None, resume: dict, path: str) -> str:
+    """The --task of a resumed run: the one given, which must be the checkpoint's task, else the checkpoint's
+    own if it is built in. A user's task is imported only when named on the command line."""
+    name, ref = resume["task"], resume.get("task_ref")
+    if given is None:
+        if ref:
+            raise ConfigError(f"{path} was trained on task {name}, not a built-in one; pass --task {ref} "
+                              "(or wherever that task's file is now) to resume it")
+        return name
+    from train.config import resolve_task
+
+    if resolve_task(given).name != name:
+        raise ConfigError(f"--task {given} does not match the checkpoint's task {name}")
+    return given
+
+
 def check_resume(cfg: Config, resume: dict) -> None:
     """Refuse settings that a resumed run cannot honour, rather than silently ignoring them."""
+    validate_checkpoint(resume, cfg.task, "the checkpoint")  # a user's task is known only now
     if cfg.run.folds > 1:
         raise ConfigError(f"--resume continues one model, not {cfg.run.folds} folds; add --folds 1 to continue "
                           "this checkpoint alone")
@@ -111,7 +132,7 @@ def check_resume(cfg: Config, resume: dict) -> None:
 
 def run(cfg: Config, resume: dict | None = None) -> dict:
     """Train (one model, or K folds), test the best, write the run folder; returns the summary."""
-    rt = setup(cfg.run.device, cfg.run.precision, regression=cfg.run.task == "product", threads=cfg.run.threads)
+    rt = setup(cfg.run.device, cfg.run.precision, regression=cfg.task.regression, threads=cfg.run.threads)
     out = cfg.out_dir
     try:
         if rt.is_main:
@@ -179,7 +200,7 @@ def _kfold(cfg: Config, data: TaskData, rt: Runtime, out: Path) -> tuple[FitResu
     best = values.index(pick(values))
     if rt.is_main:  # the best fold's checkpoints become the run's
         for name in ("best.pt", "last.pt"):
-            save_checkpoint(load_checkpoint(out / f"fold{best + 1}" / name), out / name)
+            save_checkpoint(load_checkpoint(out / f"fold{best + 1}" / name, task=cfg.task), out / name)
     folds = {"k": k, "monitor": cfg.stop.monitor, "values": values, "mean": statistics.fmean(values),
              "std": statistics.stdev(values) if k > 1 else 0.0, "best_fold": best + 1}
     if rt.is_main:
@@ -190,12 +211,12 @@ def _kfold(cfg: Config, data: TaskData, rt: Runtime, out: Path) -> tuple[FitResu
 
 def _finish(cfg: Config, data: TaskData, rt: Runtime, out: Path, result: FitResult, train_seconds: float,
             folds: dict | None) -> dict:
-    regression = cfg.run.task == "product"
+    regression = cfg.task.regression
     model = result.predictor
     n_cls = len(data.classes) if data.classes else 0
     test = evaluate(model, data.test_x, data.test_y, regression, cfg.data.eval_batch_size, rt, n_cls)
     summary = {
-        "task": cfg.run.task, "arch": cfg.arch, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+        "task": cfg.task.name, "arch": cfg.arch, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
         "stopped": result.stopped, "train_seconds": round(train_seconds, 3), "device": str(rt.device),
         "precision": rt.precision, "processes": rt.world_size,
         "val": scalars(result.best_metrics),
