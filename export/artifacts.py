@@ -11,7 +11,7 @@ import onnx
 import torch
 from torch import nn
 
-from models.checkpoint import first_line
+from t2d.files import atomic_write, first_line
 
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
@@ -47,7 +47,7 @@ def write_onnx(module: nn.Module, contract: dict[str, Any], path: Path, metadata
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     model.producer_name = "train-to-deploy"
-    _atomic_write(path, model.SerializeToString())
+    atomic_write(path, model.SerializeToString())
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:
@@ -71,20 +71,5 @@ def onnx_metadata(contract: dict[str, Any], extra: dict[str, Any]) -> dict[str, 
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in props.items()}
 
 
-def write_json(path: Path, value: Any) -> None:
-    _atomic_write(path, (json.dumps(value, indent=2) + "\n").encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _first_line(e: Exception) -> str:
-    return first_line(e)[:300]
+    return first_line(e, 300)

@@ -21,14 +21,15 @@ from typing import Any
 
 import torch
 
-from export import parity
-from export.artifacts import FORMATS, ONNX_FILE, TORCHSCRIPT_FILE, ExportError, onnx_metadata, write_json, \
-    write_onnx, write_torchscript
 import t2d
+from export import parity
+from export.artifacts import FORMATS, ONNX_FILE, TORCHSCRIPT_FILE, ExportError, onnx_metadata, \
+    write_onnx, write_torchscript
 from export.contract import ContractError, contract_of
 from export.parity import ParityError
 from export.store import register
 from models.checkpoint import CheckpointError, first_line, load_checkpoint, predictor_from_checkpoint
+from t2d.files import write_json
 
 DEFAULT_CHECKPOINT = Path("runs/product/best.pt")  # best.pt of the default task's default run folder
 PARITY_FILE = "parity.json"

@@ -18,13 +18,13 @@ Keys (all plain Python types or tensors, so `torch.load(..., weights_only=True)`
 import io
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from models import Predictor, build_predictor
+from t2d.files import atomic_write, first_line  # noqa: F401 (first_line: imported from here by train and export)
 
 FORMAT = "train-to-deploy/checkpoint"
 # 2: networks sized by their task (no in_features / num_classes in model_config), image pixels in [0, 1].
@@ -49,18 +49,7 @@ def save_checkpoint(payload: dict[str, Any] | bytes, path: str | os.PathLike) ->
     a temp file in the same folder, fsync, then rename. A crash mid-write leaves the previous
     file intact, never a truncated one.
     """
-    data = payload if isinstance(payload, bytes) else serialize(payload)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, payload if isinstance(payload, bytes) else serialize(payload))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", task=None) -> dict[str, Any]:
@@ -192,7 +181,3 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def first_line(e: BaseException) -> str:
-    """The first non-empty line of an exception's message (or its type's name): error output is one line."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -28,7 +28,8 @@ from train.config import SECTIONS, Config, ConfigError, build_config, load_yaml,
 from train.data import TaskData, load_task_data
 from train.engine import NonFiniteLossError, evaluate, predict
 from train.fit import FitResult, check_resume_data, check_resume_state, fit
-from train.report import RunLog, fmt_metrics, read_history, scalars, write_json
+from t2d.files import write_json
+from train.report import RunLog, fmt_metrics, read_history, scalars
 from train.runtime import Runtime, barrier, setup, teardown
 
 USER_ERRORS = (ConfigError, CheckpointError, DataError, NonFiniteLossError, OSError)

@@ -86,12 +86,6 @@ def read_history(out_dir: Path) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
