@@ -22,7 +22,11 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from train.data import IDX_FILES  # noqa: E402
+import models  # noqa: E402
+import t2d  # noqa: E402
+from t2d.idx import IDX_FILES  # noqa: E402
+from train.config import build_config  # noqa: E402
+from train.data import TaskData, load_task_data  # noqa: E402
 from train.main import parse_args, run  # noqa: E402
 
 # One intra-op thread: these models are tiny, and on a shared 2-core machine a second thread spinning
@@ -70,6 +74,18 @@ def write_image_set(folder: Path, gz: bool = True, n_train: int = 300, n_test: i
 def image_dir(tmp_path_factory) -> Path:
     """A folder with the gzipped IDX files (300 training, 100 test images), shared by the session."""
     return write_image_set(tmp_path_factory.mktemp("idx"), gz=True)
+
+
+def predictor(task: str, arch: str, config: dict | None = None) -> models.Predictor:
+    """A fresh Predictor of a built-in task's network (identity normalization)."""
+    return models.build_predictor(t2d.builtin_tasks()[task], arch, config)
+
+
+def task_data(task: str, data_dir: Path | str = "", val_size: int = 200, seed: int = 0, **data) -> TaskData:
+    """A task's data as training loads it (CPU, no download): `data` sets further data.* fields."""
+    cfg = build_config(task, [{"run": {"seed": seed},
+                               "data": {"dir": str(data_dir), "download": False, "val_size": val_size, **data}}])
+    return load_task_data(cfg, torch.device("cpu"))
 
 
 def train(argv: list[str], out: Path, *, fast: bool = True) -> dict:

@@ -1,4 +1,5 @@
-"""train.data: IDX files (gzipped and raw, torchvision's layout, corrupt ones), splits, batches, augmentation."""
+"""Data: IDX files (gzipped and raw, torchvision's layout, corrupt ones), the built-in tasks' splits as training
+loads them (train.data), batches, augmentation."""
 
 import gzip
 import os
@@ -7,11 +8,21 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import class_images, write_idx, write_image_set
+from conftest import class_images, task_data, write_idx, write_image_set
 
-from train.data import (DEBIAN_FASHION_MNIST, IDX_FILES, Augment, DataError, batch_order, find_idx_files, image_data,
-                        product_data, read_idx, sampler_shard, tensor_shard)
+from t2d import DataError, DataOptions
+from t2d.builtin import product
+from t2d.builtin.images import DEBIAN_FASHION_MNIST, idx_files
+from t2d.idx import IDX_FILES, read_idx
+from train.data import Augment, batch_order, sampler_shard, tensor_shard
 from train.main import parse_args, run
+
+# (name, torchvision's name, extra folders) of the built-in image tasks, as t2d.builtin.images declares them
+IMAGE_TASKS = {"mnist": ("mnist", "MNIST", ()), "fashion-mnist": ("fashion-mnist", "FashionMNIST", (DEBIAN_FASHION_MNIST,))}
+
+
+def find_idx_files(task: str, data_dir: str, download: bool):
+    return idx_files(*IMAGE_TASKS[task], DataOptions(dir=data_dir, download=download))
 
 
 def one_line_data_error(fn, *args) -> str:
@@ -85,51 +96,53 @@ def test_missing_idx_files_are_a_one_line_error(tmp_path):
         find_idx_files, "fashion-mnist", str(tmp_path / "partial"), False)
 
 
-def test_image_data_splits_and_keeps_raw_pixels(tmp_path):
+def test_image_data_splits_and_scales_pixels_to_unit_range(tmp_path):
     write_image_set(tmp_path, gz=True, n_train=60, n_test=30)
-    data = image_data("fashion-mnist", str(tmp_path), False, 15, seed=0)
+    data = task_data("fashion-mnist", tmp_path, 15, seed=0)
     train_images, train_labels = class_images(60, 1)
     test_images, test_labels = class_images(30, 2)
 
     assert data.train_x.shape == (45, 1, 28, 28) and data.val_x.shape == (15, 1, 28, 28)
     assert data.train_x.dtype == torch.float32 and data.train_y.dtype == torch.int64
-    assert torch.equal(data.test_x[:, 0], torch.from_numpy(test_images).float())  # raw 0..255, not scaled
+    # pixels in [0, 1]: the byte / 255, in training as in the exported graph and on the wire
+    assert torch.equal(data.test_x[:, 0], torch.from_numpy(test_images).float() / 255)
+    assert data.train_x.min() >= 0 and data.train_x.max() <= 1 and data.train_x.max() > 0.7
     assert torch.equal(data.test_y, torch.from_numpy(test_labels).long())
     assert data.classes[0] == "T-shirt/top" and len(data.classes) == 10
 
     # training and validation images partition the 60 training images, labels following their image
-    both_x = torch.cat([data.train_x, data.val_x])[:, 0].to(torch.uint8).numpy()
+    both_x = (torch.cat([data.train_x, data.val_x])[:, 0] * 255).round().to(torch.uint8).numpy()
     both_y = torch.cat([data.train_y, data.val_y]).numpy()
     order = sorted(range(60), key=lambda i: both_x[i].tobytes())
     ref = sorted(range(60), key=lambda i: train_images[i].tobytes())
     assert np.array_equal(both_x[order], train_images[ref])
     assert np.array_equal(both_y[order], train_labels[ref])
 
-    again = image_data("fashion-mnist", str(tmp_path), False, 15, seed=0)
-    other = image_data("fashion-mnist", str(tmp_path), False, 15, seed=1)
+    again = task_data("fashion-mnist", tmp_path, 15, seed=0)
+    other = task_data("fashion-mnist", tmp_path, 15, seed=1)
     assert torch.equal(again.val_x, data.val_x)
     assert not torch.equal(other.val_x, data.val_x)  # the seed picks the validation images
 
 
 def test_image_data_rejects_bad_contents(tmp_path):
     write_image_set(tmp_path, gz=False, n_train=20, n_test=10)
-    assert "leaves no training images" in one_line_data_error(image_data, "mnist", str(tmp_path), False, 20, 0)
+    assert "leaves no training samples" in one_line_data_error(task_data, "mnist", tmp_path, 20)
 
     labels = np.full(10, 12, dtype=np.uint8)  # class 12 of 10
     write_idx(tmp_path / IDX_FILES["test_labels"], labels)
-    assert "labels go up to 12" in one_line_data_error(image_data, "mnist", str(tmp_path), False, 5, 0)
+    assert "labels go up to 12" in one_line_data_error(task_data, "mnist", tmp_path, 5)
 
     write_image_set(tmp_path, gz=False, n_train=20, n_test=10)
     write_idx(tmp_path / IDX_FILES["test_labels"], np.zeros(9, dtype=np.uint8))  # 9 labels for 10 images
-    assert "labels for 10 images" in one_line_data_error(image_data, "mnist", str(tmp_path), False, 5, 0)
+    assert "labels for 10 images" in one_line_data_error(task_data, "mnist", tmp_path, 5)
 
     write_image_set(tmp_path, gz=False, n_train=20, n_test=10)
     write_idx(tmp_path / IDX_FILES["train_images"], np.zeros((20, 32, 32), dtype=np.uint8))
-    assert "expected 28x28 uint8" in one_line_data_error(image_data, "mnist", str(tmp_path), False, 5, 0)
+    assert "expected 28x28 uint8" in one_line_data_error(task_data, "mnist", tmp_path, 5)
 
 
 def test_product_data_is_the_reference_draw():
-    data = product_data(100, 20, 50, seed=0, test_seed=123)
+    data = task_data("product", size=100, val_size=20, test_size=50, test_seed=123)
     assert data.train_x.shape == (100, 2) and data.val_x.shape == (20, 2) and data.test_x.shape == (50, 2)
     for x, y in ((data.train_x, data.train_y), (data.val_x, data.val_y), (data.test_x, data.test_y)):
         assert x.min() >= 1 and x.max() < 10
@@ -138,8 +151,13 @@ def test_product_data_is_the_reference_draw():
     g = torch.Generator().manual_seed(123)
     x1, x2 = 1 + 9 * torch.rand(50, generator=g), 1 + 9 * torch.rand(50, generator=g)
     assert torch.equal(data.test_x, torch.stack([x1, x2], 1))
-    other = product_data(100, 20, 50, seed=1, test_seed=123)
+    other = task_data("product", size=100, val_size=20, test_size=50, test_seed=123, seed=1)
     assert torch.equal(other.test_x, data.test_x) and not torch.equal(other.train_x, data.train_x)
+    # the task's own function, as the trainer calls it: training and validation points are one draw
+    splits = product.data(DataOptions(seed=0, size=100, val_size=20, test_size=50))
+    assert torch.equal(splits.train[0], data.train_x) and torch.equal(splits.val[0], data.val_x)
+    x, _ = product.points(120, torch.Generator().manual_seed(0))
+    assert torch.equal(x, torch.cat([data.train_x, data.val_x]))
 
 
 def test_batch_order_is_a_seeded_permutation_per_epoch():
@@ -193,7 +211,7 @@ def test_debian_fashion_mnist_is_found_without_configuration(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)  # no data/fashion-mnist here: only the Debian folder can answer
     files = find_idx_files("fashion-mnist", "", download=False)
     assert files["train_images"] == DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz"
-    data = image_data("fashion-mnist", "", False, 5000, seed=0)
+    data = task_data("fashion-mnist", "", 5000, seed=0)
     assert data.train_x.shape == (55000, 1, 28, 28) and data.test_x.shape == (10000, 1, 28, 28)
     assert data.classes[0] == "T-shirt/top" and set(data.test_y.tolist()) == set(range(10))
     # A few real steps through the CLI path, with no --data-dir.
