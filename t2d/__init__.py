@@ -40,8 +40,6 @@ def resolve(ref: str) -> Task:
     task = getattr(module, attr, None)
     if task is None:
         raise TaskError(f"--task {ref}: module {module_name} has no attribute {attr!r}")
-    if callable(task) and not isinstance(task, Task):
-        task = task()  # a factory function is fine too
     if not isinstance(task, Task):
         raise TaskError(f"--task {ref} is a {type(task).__name__}, not a t2d.Task")
     if task.name in builtin and builtin[task.name] is not task:

@@ -54,7 +54,7 @@ def parse_args(argv: list[str]) -> tuple[Config, dict | None]:
     p.add_argument("--device", help="auto | cpu | cuda | mps (default: auto)")
     p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (default: auto = bf16 on CUDA for images)")
     p.add_argument("--folds", help="k-fold cross-validation with K folds (default: 1 = off)")
-    p.add_argument("--data-dir", help="folder with the MNIST/Fashion-MNIST IDX files (default: data/<task>)")
+    p.add_argument("--data-dir", help="the task's data folder (built-in image tasks: the IDX files; default: data/<task>)")
     p.add_argument("--config", help="YAML file of config sections (default: none)")
     p.add_argument("--resume", help="checkpoint (last.pt) to continue training from (default: none)")
     args, rest = p.parse_known_args(argv)
