@@ -210,4 +210,5 @@ class Task:
 
     def build(self, arch: str, values: dict[str, Any] | None = None) -> nn.Module:
         """A freshly initialized network of `arch` with config `values`."""
-        return self.models[arch].build(self.model_config(arch, values), self)
+        cfg = self.model_config(arch, values)  # first: an unknown arch is its ValueError, not a KeyError
+        return self.models[arch].build(cfg, self)
