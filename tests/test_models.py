@@ -8,8 +8,17 @@ import pytest
 import torch
 
 import models
+import t2d
 from models.checkpoint import CheckpointError, load_checkpoint, predictor_from_checkpoint, save_checkpoint
 from models.normalize import Standardizer
+
+TASKS = t2d.builtin_tasks()
+PRODUCT, MNIST = TASKS["product"], TASKS["mnist"]
+TASK_OF = {"product_mlp": PRODUCT, "mlp": MNIST, "cnn": MNIST}  # a built-in task that has each network
+
+
+def build(arch: str, config: dict | None = None) -> models.Predictor:
+    return models.build_predictor(TASK_OF[arch], arch, config)
 
 
 @pytest.mark.parametrize("arch, params", [
@@ -18,31 +27,47 @@ from models.normalize import Standardizer
     ("cnn", 61_674),  # "about 62K parameters with the default widths"
 ])
 def test_default_architectures_have_the_reference_sizes(arch, params):
-    net = models.build_predictor(arch).net
+    net = build(arch).net
     assert sum(p.numel() for p in net.parameters()) == params
 
 
 @pytest.mark.parametrize("arch, out", [("product_mlp", 1), ("mlp", 10), ("cnn", 10)])
 @pytest.mark.parametrize("batch", [1, 3, 5])
 def test_predictor_output_shape(arch, out, batch):
-    model = models.build_predictor(arch).eval()
-    x = torch.rand(batch, *models.input_shape(arch)) * 255
+    model = build(arch).eval()
+    x = torch.rand(batch, *TASK_OF[arch].input.shape)  # raw units: pixels in [0, 1]
     assert model(x).shape == (batch, out)
 
 
 def test_model_config_options_change_the_network():
-    net = models.build_predictor("product_mlp", {"hidden": [32, 16, 4], "activation": "tanh", "dropout": 0.1}).net
+    net = build("product_mlp", {"hidden": [32, 16, 4], "activation": "tanh", "dropout": 0.1}).net
     linears = [m for m in net.layers if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(2, 32), (32, 16), (16, 4), (4, 1)]
     assert sum(isinstance(m, torch.nn.Tanh) for m in net.layers) == 3
     assert sum(isinstance(m, torch.nn.Dropout) for m in net.layers) == 3
-    cnn = models.build_predictor("cnn", {"channels": [4, 5, 6], "num_classes": 3}).net
-    assert cnn.fc.in_features == 6 * 3 * 3 and cnn.fc.out_features == 3
+    cnn = build("cnn", {"channels": [4, 5, 6]}).net
+    assert cnn.fc.in_features == 6 * 3 * 3 and cnn.fc.out_features == 10
+
+
+def test_networks_take_their_sizes_from_the_task():
+    """No in_features / num_classes in any config: the input shape and output size are the task's."""
+    net = models.ProductMLP(models.ProductMLPConfig(hidden=[4]), 6, 2)
+    assert [(m.in_features, m.out_features) for m in net.layers if isinstance(m, torch.nn.Linear)] == [(6, 4), (4, 2)]
+    mlp = models.MLP(models.MLPConfig(hidden=5), (3, 8, 8), 3)
+    assert (mlp.fc1.in_features, mlp.fc2.out_features) == (3 * 8 * 8, 3)
+    cnn = models.CNN(models.CNNConfig(channels=[4, 5, 6]), (3, 16, 24), 4)
+    assert cnn.features[0][0].in_channels == 3 and cnn.fc.in_features == 6 * 2 * 3 and cnn.fc.out_features == 4
+    assert cnn(torch.zeros(2, 3, 16, 24)).shape == (2, 4)
+    with pytest.raises(ValueError, match="at least 8x8"):
+        models.CNN(models.CNNConfig(), (1, 7, 28), 10)
+    for arch, task in TASK_OF.items():  # the built-in tasks size their networks from their Input and Output
+        assert build(arch).eval()(torch.zeros(2, *task.input.shape)).shape == (2, task.output.size)
+        assert not {"in_features", "num_classes"} & set(task.model_config(arch).__dict__)
 
 
 def test_default_cnn_keeps_its_layers_and_state_dict_keys():
     """Checkpoints of the original CNN (conv, BatchNorm, ReLU, pool per block) must still load."""
-    net = models.build_predictor("cnn").net
+    net = build("cnn").net
     for block in net.features:
         assert [type(m) for m in block] == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.MaxPool2d]
     assert {k for k in net.state_dict() if k.startswith("features.0.")} == {
@@ -51,14 +76,14 @@ def test_default_cnn_keeps_its_layers_and_state_dict_keys():
 
 
 def test_cnn_block_options():
-    base = models.build_predictor("cnn").net
-    pool_first = models.build_predictor("cnn", {"pool_first": True}).net
+    base = build("cnn").net
+    pool_first = build("cnn", {"pool_first": True}).net
     # The same parameters in another order: max-pool straight after the conv, BatchNorm and ReLU after it.
     assert sum(p.numel() for p in pool_first.parameters()) == sum(p.numel() for p in base.parameters())
     assert [type(m) for m in pool_first.features[0]] == [torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.BatchNorm2d,
                                                          torch.nn.ReLU]
-    deep = models.build_predictor("cnn", {"channels": [4, 6, 8], "convs_per_block": [1, 2, 3],
-                                          "activation": "gelu", "pool_first": True}).net
+    deep = build("cnn", {"channels": [4, 6, 8], "convs_per_block": [1, 2, 3], "activation": "gelu",
+                         "pool_first": True}).net
     convs = [[(m.in_channels, m.out_channels) for m in block if isinstance(m, torch.nn.Conv2d)]
              for block in deep.features]
     assert convs == [[(1, 4)], [(4, 6), (6, 6)], [(6, 8), (8, 8), (8, 8)]]
@@ -72,9 +97,9 @@ def test_cnn_block_options():
 
 
 def test_cnn_hidden_layer():
-    base = models.build_predictor("cnn", {"channels": [4, 6, 8]}).net
+    base = build("cnn", {"channels": [4, 6, 8]}).net
     assert isinstance(base.hidden, torch.nn.Identity)  # no hidden layer: the default's state_dict keys stay
-    wide = models.build_predictor("cnn", {"channels": [4, 6, 8], "hidden": 32}).net
+    wide = build("cnn", {"channels": [4, 6, 8], "hidden": 32}).net
     assert (wide.hidden[0].in_features, wide.hidden[0].out_features, wide.fc.in_features) == (8 * 3 * 3, 32, 32)
     assert wide(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
@@ -86,9 +111,9 @@ def test_cnn_hidden_layer():
 ])
 def test_cnn_options_train_a_step_and_round_trip(tmp_path, options):
     torch.manual_seed(0)
-    model = models.build_predictor("cnn", {"channels": [4, 6, 8], **options})
+    model = build("cnn", {"channels": [4, 6, 8], **options})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.rand(16, 1, 28, 28) * 255, torch.randint(0, 10, (16,))
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
     before = torch.nn.functional.cross_entropy(model(x), y)
     before.backward()
     opt.step()
@@ -96,7 +121,7 @@ def test_cnn_options_train_a_step_and_round_trip(tmp_path, options):
     model.eval()
     save_checkpoint({"task": "mnist", "arch": "cnn", "model_config": {"channels": [4, 6, 8], **options},
                      "state_dict": model.state_dict(), "epoch": 1}, tmp_path / "m.pt")
-    rebuilt = predictor_from_checkpoint(load_checkpoint(tmp_path / "m.pt"))
+    rebuilt = predictor_from_checkpoint(load_checkpoint(tmp_path / "m.pt"), MNIST)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
 
@@ -108,7 +133,8 @@ def test_cnn_options_train_a_step_and_round_trip(tmp_path, options):
     ("product_mlp", {"dropout": 1.0}),
     ("mlp", {"hidden": 0}),
     ("cnn", {"hidden": -1}),
-    ("mlp", {"num_classes": 1}),
+    ("mlp", {"num_classes": 10}),  # sizes come from the task: no longer a config key
+    ("product_mlp", {"in_features": 2}),
     ("cnn", {"channels": [8, 8]}),
     ("cnn", {"dropout": -0.1}),
     ("cnn", {"widths": [8, 8, 8]}),  # unknown key
@@ -118,12 +144,21 @@ def test_cnn_options_train_a_step_and_round_trip(tmp_path, options):
 ])
 def test_bad_model_config_is_a_value_error(arch, values):
     with pytest.raises(ValueError):
-        models.model_config(arch, values)
+        TASK_OF[arch].model_config(arch, values)
+
+
+def test_size_keys_are_unknown_config_keys():
+    with pytest.raises(ValueError, match="unknown model.num_classes"):
+        MNIST.model_config("cnn", {"num_classes": 10})
+    with pytest.raises(ValueError, match="unknown model.in_features"):
+        models.build_predictor(PRODUCT, "product_mlp", {"in_features": 2})
 
 
 def test_unknown_architecture():
-    with pytest.raises(ValueError, match="unknown model architecture"):
-        models.build_predictor("resnet")
+    with pytest.raises(ValueError, match="unknown model.arch 'resnet' for task mnist"):
+        models.build_predictor(MNIST, "resnet")
+    with pytest.raises(ValueError, match="unknown model.arch 'cnn' for task product"):
+        models.build_predictor(PRODUCT, "cnn")  # an architecture of another task
 
 
 def test_standardizer_fits_and_inverts():
@@ -140,7 +175,7 @@ def test_standardizer_fits_and_inverts():
 
 def test_predictor_works_in_raw_units():
     torch.manual_seed(0)
-    model = models.build_predictor("product_mlp").eval()
+    model = build("product_mlp").eval()
     x = 1 + 9 * torch.rand(64, 2)
     model.input_norm.fit(x)
     model.target_norm.fit((x[:, :1] * x[:, 1:]))
@@ -159,15 +194,15 @@ def _payload(model: models.Predictor, arch: str, config: dict | None = None) -> 
 
 def test_checkpoint_round_trip_rebuilds_the_same_predictor(tmp_path):
     torch.manual_seed(1)
-    config = {"hidden": [12, 6], "activation": "gelu", "in_features": 2, "dropout": 0.0}
-    model = models.build_predictor("product_mlp", config).eval()
+    config = {"hidden": [12, 6], "activation": "gelu", "dropout": 0.0}
+    model = build("product_mlp", config).eval()
     model.input_norm.fit(1 + 9 * torch.rand(50, 2))
     save_checkpoint(_payload(model, "product_mlp", config), tmp_path / "m.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # the temp file was renamed away
 
     raw = torch.load(tmp_path / "m.pt", weights_only=True)
-    assert raw["format"] == "train-to-deploy/checkpoint" and raw["format_version"] == 1
-    rebuilt = predictor_from_checkpoint(load_checkpoint(tmp_path / "m.pt"))
+    assert raw["format"] == "train-to-deploy/checkpoint" and raw["format_version"] == 2
+    rebuilt = predictor_from_checkpoint(load_checkpoint(tmp_path / "m.pt"), PRODUCT)
     assert not rebuilt.training
     x = 1 + 9 * torch.rand(7, 2)
     with torch.no_grad():
@@ -175,7 +210,7 @@ def test_checkpoint_round_trip_rebuilds_the_same_predictor(tmp_path):
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
-    model = models.build_predictor("product_mlp")
+    model = build("product_mlp")
     path = tmp_path / "last.pt"
     save_checkpoint(_payload(model, "product_mlp"), path)
     before = path.read_bytes()
@@ -188,7 +223,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file size limits")
 def test_write_that_fails_midway_keeps_the_previous_checkpoint(tmp_path):
     """A disk that fills up mid-write (here: a file size limit) must not cost the last good checkpoint."""
-    model = models.build_predictor("product_mlp")
+    model = build("product_mlp")
     path = tmp_path / "last.pt"
     save_checkpoint(_payload(model, "product_mlp"), path)
     before = path.read_bytes()
@@ -220,14 +255,14 @@ def test_load_checkpoint_rejects_what_is_not_ours(tmp_path):
     assert "cannot read checkpoint" in _one_line_error(tmp_path / "noise.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "dict.pt")
     assert "not a train-to-deploy checkpoint" in _one_line_error(tmp_path / "dict.pt")
-    torch.save(models.build_predictor("mlp").state_dict(), tmp_path / "state_dict.pt")
+    torch.save(build("mlp").state_dict(), tmp_path / "state_dict.pt")
     assert "not a train-to-deploy checkpoint" in _one_line_error(tmp_path / "state_dict.pt")
-    torch.save(models.build_predictor("mlp"), tmp_path / "module.pt")  # a pickled module: unsafe to load
+    torch.save(build("mlp"), tmp_path / "module.pt")  # a pickled module: unsafe to load
     assert "cannot read checkpoint" in _one_line_error(tmp_path / "module.pt")
 
 
 def test_load_checkpoint_checks_version_and_required_keys(tmp_path):
-    model = models.build_predictor("product_mlp")
+    model = build("product_mlp")
     save_checkpoint(_payload(model, "product_mlp"), tmp_path / "ok.pt")
     ckpt = torch.load(tmp_path / "ok.pt", weights_only=True)
     torch.save({**ckpt, "format_version": 99}, tmp_path / "future.pt")
@@ -237,8 +272,62 @@ def test_load_checkpoint_checks_version_and_required_keys(tmp_path):
 
 
 def test_predictor_from_mismatched_checkpoint_is_a_checkpoint_error():
-    state = models.build_predictor("product_mlp", {"hidden": [16, 8]}).state_dict()
+    state = build("product_mlp", {"hidden": [16, 8]}).state_dict()
+    ckpt = {"task": "product", "arch": "product_mlp", "state_dict": state}
     with pytest.raises(CheckpointError, match="does not match"):
-        predictor_from_checkpoint({"arch": "product_mlp", "model_config": {"hidden": [4]}, "state_dict": state})
+        predictor_from_checkpoint({**ckpt, "model_config": {"hidden": [4]}}, PRODUCT)
     with pytest.raises(CheckpointError, match="does not match"):
-        predictor_from_checkpoint({"arch": "product_mlp", "model_config": {"depth": 3}, "state_dict": state})
+        predictor_from_checkpoint({**ckpt, "model_config": {"depth": 3}}, PRODUCT)
+    with pytest.raises(CheckpointError, match="does not match"):
+        predictor_from_checkpoint({**ckpt, "model_config": {"in_features": 2}}, PRODUCT)  # a version-1 key
+    with pytest.raises(CheckpointError, match="trained on task 'product', not 'mnist'"):
+        predictor_from_checkpoint({**ckpt, "model_config": {}}, MNIST)
+
+
+def _v1_checkpoint(path, arch: str, task: str, model_config: dict, predictor: models.Predictor,
+                   normalization: dict) -> None:
+    """A checkpoint as format version 1 wrote it: sizes in model_config, image statistics in 0..255 units."""
+    torch.save({"format": "train-to-deploy/checkpoint", "format_version": 1, "task": task, "arch": arch,
+                "model_config": dict(model_config), "state_dict": predictor.state_dict(),
+                "normalization": normalization, "epoch": 2, "metrics": {"loss": 0.3},
+                "config": {"run": {"task": task}, "model": {"arch": arch, **model_config}}}, path)
+
+
+def test_version_1_image_checkpoint_is_upgraded_to_unit_pixels(tmp_path):
+    """Version 1 trained image networks on pixels 0..255: loaded today, the same network answers on pixels / 255."""
+    torch.manual_seed(3)
+    old = build("mlp", {"hidden": 16}).eval()  # as version 1 used it: statistics in 0..255 units
+    old.input_norm.mean.fill_(33.0)
+    old.input_norm.std.fill_(78.5)
+    _v1_checkpoint(tmp_path / "v1.pt", "mlp", "mnist", {"hidden": 16, "dropout": 0.0, "num_classes": 10}, old,
+                   {"input": {"mean": [33.0], "std": [78.5]}})
+
+    ckpt = load_checkpoint(tmp_path / "v1.pt")  # validated against the built-in mnist network
+    assert ckpt["model_config"] == {"hidden": 16, "dropout": 0.0}  # num_classes dropped: the task sizes the net
+    assert "num_classes" not in ckpt["config"]["model"]
+    assert ckpt["normalization"]["input"] == {"mean": [33.0 / 255], "std": [78.5 / 255]}
+    assert torch.allclose(ckpt["state_dict"]["input_norm.mean"], torch.tensor([33.0 / 255]))
+    model = predictor_from_checkpoint(ckpt, MNIST)
+    pixels = torch.randint(0, 256, (9, 1, 28, 28)).float()  # what version 1 was fed
+    with torch.no_grad():
+        want, got = old(pixels), model(pixels / 255)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+    assert torch.equal(got.argmax(1), want.argmax(1))
+    # not the identity: without the upgrade, the 0..255 statistics would be applied to [0, 1] pixels
+    with torch.no_grad():
+        assert not torch.allclose(old(pixels / 255), want, atol=1e-2)
+
+
+def test_version_1_product_checkpoint_keeps_its_statistics(tmp_path):
+    torch.manual_seed(4)
+    old = build("product_mlp").eval()
+    old.input_norm.fit(1 + 9 * torch.rand(50, 2))
+    _v1_checkpoint(tmp_path / "v1.pt", "product_mlp", "product",
+                   {"in_features": 2, "hidden": [16, 8], "activation": "relu", "dropout": 0.0}, old,
+                   {"input": old.input_norm.to_dict()})
+    ckpt = load_checkpoint(tmp_path / "v1.pt")
+    assert ckpt["model_config"] == {"hidden": [16, 8], "activation": "relu", "dropout": 0.0}
+    assert torch.equal(ckpt["state_dict"]["input_norm.mean"], old.input_norm.mean)  # raw X1, X2: no pixel scaling
+    x = 1 + 9 * torch.rand(5, 2)
+    with torch.no_grad():
+        assert torch.equal(predictor_from_checkpoint(ckpt, PRODUCT)(x), old(x))
