@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from export import parity  # noqa: E402
 from export.main import ExportOptions, verify_and_register, write_artifacts  # noqa: E402
 
 
@@ -62,11 +63,9 @@ def bench(label: str, checkpoint: Path, seconds: float, threads: int) -> None:
         exported = write_artifacts(opts)
         verify_and_register(exported, opts)  # parity first: timing a wrong model is meaningless
         run = runtimes(exported, threads)
-        shape = exported.contract["inputs"][0]["shape"][1:]
+        held_out = parity.held_out_inputs(exported.task, exported.ckpt, 1024, None).x.numpy()  # raw units
         for batch in (1, 1024):
-            x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
-            if exported.contract["kind"] == "regression":
-                x = 1 + 9 * x  # raw units: the training square [1, 10)
+            x = np.ascontiguousarray(held_out[:batch])
             medians = {}
             for name, fn in run.items():
                 t = sorted(latencies(fn, x, seconds))
