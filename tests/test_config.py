@@ -16,8 +16,9 @@ def test_task_defaults():
     product, _ = parse_args([])
     assert product.run.task == "product" and product.arch == "product_mlp"
     assert product.run.epochs == 1000 and product.data.batch_size == 100
-    assert product.model == {"arch": "product_mlp", "in_features": 2, "hidden": [16, 8], "activation": "relu",
-                             "dropout": 0.0}
+    # no in_features: the network's sizes come from the task, not the config
+    assert product.model == {"arch": "product_mlp", "hidden": [16, 8], "activation": "relu", "dropout": 0.0}
+    assert product.run.threads == 1 and product.log.print_every == 50  # the rest of the task's defaults
     assert product.run.out == "runs/product"
     fashion, _ = parse_args(["--task", "fashion-mnist"])
     assert fashion.arch == "mlp" and fashion.run.epochs == 5
@@ -67,7 +68,7 @@ def test_model_overrides(argv, field, value):
 
 def test_changing_arch_starts_from_its_defaults():
     cfg, _ = parse_args(["--task", "mnist", "--model.arch", "cnn", "--model.channels", "8,16,16"])
-    assert cfg.model == {"arch": "cnn", "channels": [8, 16, 16], "num_classes": 10, "dropout": 0.2,
+    assert cfg.model == {"arch": "cnn", "channels": [8, 16, 16], "dropout": 0.2,
                          "activation": "relu", "convs_per_block": [1, 1, 1], "pool_first": False, "hidden": 0}
 
 
@@ -97,7 +98,14 @@ def test_booleans(argv, flag_value):
     (["--sched.pct_start", "1.5"], "sched.pct_start must be in (0, 1)"),
     (["--device", "tpu"], "run.device must be one of"),
     (["--task", "cifar"], "unknown task 'cifar'"),
-    (["--task", "mnist", "--model.arch", "product_mlp"], "does not fit task 'mnist'"),
+    (["--task", "mnist", "--model.arch", "product_mlp"], "unknown model.arch 'product_mlp' for task mnist"),
+    # sizes come from the task: the old size keys are unknown keys, not values to validate
+    (["--model.in_features", "2"], "unknown config key model.in_features for arch product_mlp"),
+    (["--task", "mnist", "--model.num_classes", "10"], "unknown config key model.num_classes for arch mlp"),
+    (["--task", "fashion-mnist", "--model.arch", "cnn", "--model.num_classes", "10"],
+     "unknown config key model.num_classes for arch cnn"),
+    (["--task", "product", "--data.hflip", "true"], "data.crop_padding and data.hflip augment images"),
+    (["--task", "mnist", "--data.crop_padding", "28"], "data.crop_padding must be in [0, 27]"),
     (["--model.arch", "resnet"], "unknown model.arch 'resnet'"),
     (["--model.dropout", "1.5"], "model.dropout must be in [0, 1)"),
     (["--optim.label_smoothing", "1"], "optim.label_smoothing must be in [0, 1)"),

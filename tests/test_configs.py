@@ -33,7 +33,8 @@ def test_image_config_trains_and_its_checkpoint_rebuilds(path, image_dir, tmp_pa
     assert summary["epochs_run"] == 4
     ckpt = load_checkpoint(tmp_path / "best.pt")
     assert ckpt["arch"] == cfg.arch and ckpt["model_config"] == cfg.model_fields
-    predictor_from_checkpoint(ckpt)  # the saved architecture rebuilds from the checkpoint alone
+    assert ckpt["task"] == cfg.task.name and ckpt["task_ref"] is None  # a built-in task: nothing to import
+    predictor_from_checkpoint(ckpt, cfg.task)  # the saved architecture rebuilds from the checkpoint and its task
     # The network each config ships exports with parity (TorchScript and onnxruntime against eager).
     assert export.main.main(["--checkpoint", str(tmp_path / "best.pt"), "--no-register",
                              "--data-dir", str(image_dir)]) == 0
