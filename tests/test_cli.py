@@ -11,11 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, PRODUCT, cli, write_image_set
+from conftest import FAST, PRODUCT, cli, predictor, write_image_set
 
-import models
 from models.checkpoint import save_checkpoint
-from train.data import IDX_FILES
+from t2d.idx import IDX_FILES
 from train.main import main
 
 # name -> (arguments, text the one error line must contain); {tmp} is the module's scratch folder
@@ -57,9 +56,9 @@ def scratch(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "noise.pt").write_bytes(np.random.default_rng(0).bytes(4096))
     torch.save({"epoch": 3, "weights": torch.ones(2)}, tmp / "dict.pt")
-    torch.save(models.build_predictor("product_mlp").state_dict(), tmp / "state_dict.pt")
+    torch.save(predictor("product", "product_mlp").state_dict(), tmp / "state_dict.pt")
     save_checkpoint({"task": "product", "arch": "product_mlp", "model_config": {}, "epoch": 1,
-                     "state_dict": models.build_predictor("product_mlp").state_dict()},
+                     "state_dict": predictor("product", "product_mlp").state_dict()},
                     tmp / "weights.pt")  # ours, but without optimizer and RNG state
     (tmp / "bad.yaml").write_text("optim:\n  lr: [0.1\n")
     (tmp / "list.yaml").write_text("- optim\n- lr\n")
