@@ -25,7 +25,7 @@ def resolve(ref: str) -> Task:
         return builtin[ref]
     module_name, colon, attr = ref.partition(":")
     if not colon or not module_name or not attr:
-        raise TaskError(f"unknown task {ref!r}; use one of {', '.join(builtin)} or module:ATTRIBUTE "
+        raise TaskError(f"unknown task {ref!r}; --task takes {', '.join(builtin)} or module:ATTRIBUTE "
                         "(a Task in a Python file on the path, e.g. my_task:TASK)")
     try:
         module = importlib.import_module(module_name)
