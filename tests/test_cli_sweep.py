@@ -19,14 +19,21 @@ import typing
 import numpy as np
 import pytest
 import torch
+from conftest import predictor
 from conftest import train as train_in_process
 from conftest import write_image_set
 
 import export.main
-import models
+import t2d
 import train.main
 from models.checkpoint import save_checkpoint
 from train.config import SECTIONS
+
+# Every architecture of a built-in task -> (its config dataclass, the first built-in task that has it).
+ARCHITECTURES: dict[str, tuple[type, str]] = {}
+for _task in t2d.builtin_tasks().values():
+    for _arch, _model in _task.models.items():
+        ARCHITECTURES.setdefault(_arch, (_model.config, _task.name))
 
 # --- python -m train ------------------------------------------------------------------------------
 
@@ -57,10 +64,9 @@ EXTRA = {
     "sched.min_lr": [("0.5", ["--sched.name", "cosine", "--optim.lr", "0.1"])],  # above the peak rate
     "stop.monitor": ["accuracy"],  # an image metric, for the product task
     "log.print_every": ["0"],
-    "model.in_features@product_mlp": ["3"],  # the product task has two inputs
     "model.hidden@product_mlp": ["0", "[]"], "model.dropout@product_mlp": ["1"],
-    "model.hidden@mlp": ["0"], "model.num_classes@mlp": ["1", "5"], "model.dropout@mlp": ["1"],
-    "model.channels@cnn": ["[8,8]", "[8,0,8]"], "model.num_classes@cnn": ["5"], "model.dropout@cnn": ["1"],
+    "model.hidden@mlp": ["0"], "model.dropout@mlp": ["1"],
+    "model.channels@cnn": ["[8,8]", "[8,0,8]"], "model.dropout@cnn": ["1"],
     "model.convs_per_block@cnn": ["[1,1]", "[1,0,1]"],
 }
 
@@ -81,7 +87,7 @@ def config_fields() -> list[Field]:
     found = [Field(f"{section}.{f.name}", typing.get_type_hints(cls)[f.name], None)
              for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
     found.append(Field("model.arch", str, None))
-    for arch, (cls, *_) in models.ARCHITECTURES.items():
+    for arch, (cls, _) in ARCHITECTURES.items():
         found += [Field(f"model.{f.name}", typing.get_type_hints(cls)[f.name], arch) for f in dataclasses.fields(cls)]
     return found
 
@@ -111,8 +117,8 @@ def bad_values(field: Field) -> list[tuple[str, list[str]]]:
 
 def context(field: Field) -> dict[str, str]:
     """Base settings in which `field`'s value matters: an image task for image fields, else product."""
-    if field.arch in ("mlp", "cnn"):
-        return {**IMAGE_BASE, "model.arch": field.arch}
+    if field.arch and ARCHITECTURES[field.arch][1] != "product":
+        return {**IMAGE_BASE, "run.task": ARCHITECTURES[field.arch][1], "model.arch": field.arch}
     if field.name == "data.dir":
         return IMAGE_BASE
     return PRODUCT_BASE
@@ -160,9 +166,9 @@ def scratch(tmp_path_factory):
         (tmp / f"{name}.yaml").write_text(text)
     (tmp / "noise.pt").write_bytes(np.random.default_rng(0).bytes(4096))
     torch.save({"epoch": 3, "weights": torch.ones(2)}, tmp / "foreign.pt")
-    torch.save(models.build_predictor("product_mlp").state_dict(), tmp / "state_dict.pt")
+    torch.save(predictor("product", "product_mlp").state_dict(), tmp / "state_dict.pt")
     save_checkpoint({"task": "product", "arch": "product_mlp", "model_config": {}, "epoch": 1,
-                     "state_dict": models.build_predictor("product_mlp").state_dict()}, tmp / "weights.pt")
+                     "state_dict": predictor("product", "product_mlp").state_dict()}, tmp / "weights.pt")
     train_in_process([*flags(PRODUCT_BASE), "--log.checkpoint_every_s", "0"], tmp / "run")  # for --resume
     return tmp
 
@@ -216,6 +222,8 @@ def test_train_option(scratch, capsys, case):
     line = run_train(capsys, argv)
     # A shortcut's error may name the field it sets (--epochs: run.epochs), a folder's error the folder.
     names = [option, field.name, *([argv[-1]] if "/" in argv[-1] else [])]
+    if field.name == "run.task":  # a task's errors name the flag --task, which sets run.task
+        names.append("--task")
     assert any(name in line for name in names), f"{case}: the error names none of {names}: {line}"
 
 
@@ -247,6 +255,10 @@ EXPORT_CASES = {  # flag -> [(arguments, what the error line must contain)]
                    (["--data-dir", "{tmp}/no-such-dir"], "{tmp}/no-such-dir"),
                    (["--data-dir", "{tmp}/a-file"], "{tmp}/a-file")],
     "--no-register": [(["--no-register=yes"], "--no-register")],
+    # the checkpoint is the product task's: another task, or one that cannot be found, is refused
+    "--task": [(["--task"], "--task"), (["--task", ""], "--task"), (["--task", "bogus"], "--task"),
+               (["--task", "mnist"], "--task mnist"), (["--task", "no_such_module_here:TASK"], "--task"),
+               (["--task", "t2d:Task"], "not a t2d.Task")],
     **{flag: [([flag], flag), ([flag, ""], flag), ([flag, "tight"], flag), ([flag, "-1"], flag),
               ([flag, "nan"], flag), ([flag, "inf"], flag), ([flag, "1e400"], flag)] for flag in ("--atol", "--rtol")},
 }
@@ -281,15 +293,14 @@ def test_every_option_is_swept(capsys):
     # Every field of every section and architecture, counted another way: the keys of the resolved
     # configs, which are what YAML files and --section.field set.
     resolved = set()
-    for arch in models.ARCHITECTURES:
-        cfg = train.main.parse_args(["--task", "product" if models.is_regression(arch) else "mnist",
-                                     "--model.arch", arch])[0].to_dict()
+    for arch, (_, task) in ARCHITECTURES.items():
+        cfg = train.main.parse_args(["--task", task, "--model.arch", arch])[0].to_dict()
         resolved |= {f"model.{k}@{arch}" if k != "arch" else "model.arch" for k in cfg.pop("model")}
         resolved |= {f"{section}.{k}" for section, values in cfg.items() for k in values}
     assert resolved == set(FIELDS)
     assert len(FIELDS) == sum(len(dataclasses.fields(c)) for c in SECTIONS.values()) + 1 + sum(
-        len(dataclasses.fields(c)) for c, *_ in models.ARCHITECTURES.values())
-    assert len(FIELDS) >= 60  # at the time of writing: 44 section fields, model.arch, 19 architecture fields
+        len(dataclasses.fields(c)) for c, _ in ARCHITECTURES.values())
+    assert len(FIELDS) >= 58  # at the time of writing: 44 section fields, model.arch, 17 architecture fields
     assert set(EXTRA) <= set(FIELDS), f"EXTRA names unknown fields: {sorted(set(EXTRA) - set(FIELDS))}"
     assert set(FREE_TEXT) <= set(FIELDS)
     swept = {field.key for field, *_ in TRAIN_CASES.values()}
