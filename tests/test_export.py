@@ -17,8 +17,11 @@ import pytest
 import torch
 from conftest import PRODUCT, REPO, train, write_image_set
 
+import t2d
 from export.main import main
 from models.checkpoint import load_checkpoint, predictor_from_checkpoint, save_checkpoint
+
+TASKS = t2d.builtin_tasks()
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
        "OMP_NUM_THREADS": "1", "BENTOML_DO_NOT_TRACK": "true"}
@@ -64,10 +67,10 @@ def test_parity_at_three_batch_sizes(runs, tmp_path, arch, capsys):
     for c in report["checks"]:
         assert c["passed"] and c["max_abs_err"] <= 1e-5 + 1e-5 * 1e4, c
         assert c["shape"][0] == c["batch"]
-    if arch == "product":
-        assert report["inputs"].startswith("1024 fresh points")
-    else:
-        assert report["inputs"].startswith("first 1024 test images")  # real held-out images, not noise
+    if arch == "product":  # fresh points over the training square, from the task's parity_inputs
+        assert report["inputs"] == "1024 inputs from task product's parity_inputs, seed 20261123"
+    else:  # real held-out images, not noise
+        assert report["inputs"] == "first 1024 test inputs of task fashion-mnist"
         assert all(c["argmax_agreement"] == 1.0 for c in report["checks"])
     printed = capsys.readouterr().out
     assert "onnx " in printed and "torchscript " in printed and "registered" not in printed
@@ -96,7 +99,7 @@ def test_onnx_contract_and_self_contained_file(runs, tmp_path):
 
 
 def test_classifier_contract_takes_unit_pixels(runs, tmp_path):
-    """The graph takes pixels in [0, 1]; training's raw units are 0..255, so the graph scales inside."""
+    """The graph takes pixels in [0, 1], the units training used: no scaling inside or outside the graph."""
     out = tmp_path / "export"
     assert main(["--format", "onnx", "--checkpoint", str(runs / "cnn" / "best.pt"), "--out", str(out),
                  "--no-register", "--batch-sizes", "2"]) == 0
@@ -104,15 +107,23 @@ def test_classifier_contract_takes_unit_pixels(runs, tmp_path):
 
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"] and [o.name for o in session.get_outputs()] == ["logits"]
-    pixels = np.random.default_rng(0).integers(0, 256, size=(5, 1, 28, 28)).astype(np.float32)
-    eager = predictor_from_checkpoint(load_checkpoint(runs / "cnn" / "best.pt"))
+    pixels = np.random.default_rng(0).random(size=(5, 1, 28, 28)).astype(np.float32)  # [0, 1]
+    ckpt = load_checkpoint(runs / "cnn" / "best.pt")
+    eager = predictor_from_checkpoint(ckpt, TASKS["fashion-mnist"])
     with torch.no_grad():
-        want = eager(torch.from_numpy(pixels)).numpy()  # training's units: 0..255
-    got = session.run(None, {"image": pixels / 255})[0]
+        want = eager(torch.from_numpy(pixels)).numpy()  # training's units: [0, 1]
+        # the network sees (pixels - mean) / std with statistics fitted on [0, 1] pixels: nothing else scales them
+        mean, std = ckpt["state_dict"]["input_norm.mean"], ckpt["state_dict"]["input_norm.std"]
+        assert 0 < mean.item() < 1 and 0 < std.item() < 1
+        assert torch.equal(eager.net.eval()((torch.from_numpy(pixels) - mean) / std), torch.from_numpy(want))
+    got = session.run(None, {"image": pixels})[0]
     assert got.shape == (5, 10)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     contract = json.loads({p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}["contract"])
-    assert contract["kind"] == "classification" and contract["pixel_scale"] == 255
+    assert contract["contract_version"] == 2 and contract["kind"] == "classification" and "pixel_scale" not in contract
+    assert contract["inputs"] == [{"name": "image", "dtype": "float32", "shape": ["batch", 1, 28, 28], "range": [0, 1],
+                                   "description": "grayscale pixels in [0, 1]"}]
+    assert contract["outputs"][0]["shape"] == ["batch", 10] and contract["variant"] == "fp32"
     assert len(contract["classes"]) == 10 and contract["classes"][0] == "T-shirt/top"
 
 
@@ -148,11 +159,14 @@ def test_corrupted_onnx_fails_parity_and_is_not_registered(runs, tmp_path):
                            "--out", str(tmp_path / "export"), "--format", "onnx"], cwd=REPO,
                           env={**ENV, "BENTOML_HOME": str(home)}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
-    assert re.fullmatch(r"error: parity failed for onnx at batch 1: max abs error .* at input 0, .*; nothing registered "
-                        r"\(details in parity\.json\)\n", done.stderr), done.stderr
+    found = re.fullmatch(r"error: parity failed for onnx at batch (\d+): max abs error .* at input (\d+), .*; "
+                         r"nothing registered \(details in parity\.json\)\n", done.stderr)
+    assert found, done.stderr
     assert "registered  " not in done.stdout
     report = json.loads((tmp_path / "export" / "parity.json").read_text())
-    assert report["passed"] is False and all(not c["passed"] for c in report["checks"])
+    assert report["passed"] is False and all(not c["passed"] for c in report["checks"] if c["batch"] > 1)
+    first = next(c for c in report["checks"] if not c["passed"])  # the message names the first failure
+    assert (first["batch"], first["worst_index"]) == tuple(map(int, found.groups()))
     assert store_entries(home) == []
 
 
@@ -186,7 +200,7 @@ def test_onnx_runs_without_torch_and_torchscript_in_a_fresh_process(runs, tmp_pa
     assert main(["--checkpoint", str(runs / "product" / "best.pt"), "--out", str(out), "--no-register",
                  "--batch-sizes", "4"]) == 0
     x = np.array([[1.5, 2.0], [3.0, 4.0], [9.9, 9.9], [5.0, 1.0]], dtype=np.float32)
-    eager = predictor_from_checkpoint(load_checkpoint(runs / "product" / "best.pt"))
+    eager = predictor_from_checkpoint(load_checkpoint(runs / "product" / "best.pt"), TASKS["product"])
     with torch.no_grad():
         want = eager(torch.from_numpy(x)).numpy()
     np.save(tmp_path / "x.npy", x)
@@ -212,7 +226,8 @@ def test_random_images_when_test_set_is_missing(runs, tmp_path):
     assert main(["--format", "onnx", "--checkpoint", str(runs / "mlp" / "best.pt"), "--out", str(out),
                  "--no-register", "--batch-sizes", "1,7", "--data-dir", str(tmp_path / "empty")]) == 0
     report = json.loads((out / "parity.json").read_text())
-    assert report["passed"] and report["inputs"].startswith("7 random images")
+    assert report["passed"] and report["inputs"].startswith("7 random inputs, uniform in [0, 1], seed 20261123 "
+                                                            "(test data unavailable: no FashionMNIST IDX files")
 
 
 @pytest.fixture
@@ -280,9 +295,12 @@ def test_contract_comes_from_the_weights_not_the_descriptive_fields(runs, tmp_pa
 
 
 @pytest.mark.parametrize("classes", [None, ["a", "b"], {"0": "x"}, list(range(10))])
-def test_classifier_needs_a_name_per_output(runs, tmp_path, capsys, classes):
+def test_contract_classes_are_the_tasks_not_the_checkpoints(runs, tmp_path, classes):
+    """A checkpoint's classes list is for people, like its input_shape: the contract's class names come from the
+    task, which declares one per output (t2d.Task refuses a classifier without them)."""
     path = resaved(runs / "cnn" / "best.pt", tmp_path / "classes.pt", classes=classes)
-    assert main(["--checkpoint", str(path), "--out", str(tmp_path / "out"), "--no-register"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "checkpoint's classes must be a list of 10 names" in err, err
-    assert not (tmp_path / "out").exists()
+    assert main(["--format", "onnx", "--checkpoint", str(path), "--out", str(tmp_path / "out"), "--no-register",
+                 "--batch-sizes", "2"]) == 0
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "out" / "model.onnx")).metadata_props}
+    contract = json.loads(props["contract"])
+    assert contract["classes"] == list(TASKS["fashion-mnist"].classes)
