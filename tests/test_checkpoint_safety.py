@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PRODUCT, REPO, train
+from conftest import PRODUCT, REPO, predictor, train
 
-import models
+import t2d
 from models.checkpoint import (FORMAT, CheckpointError, load_checkpoint, remove_stale_temp_files, save_checkpoint,
                                serialize, validate_checkpoint)
 from train.fit import check_optimizer_state
@@ -153,7 +153,13 @@ BROKEN = {
     "config of another network": (lambda g, p: ours(g, p, lambda c: c["model_config"].update(hidden=[8, 8])),
                                   "net.layers.0.weight has shape [16, 2], the network's is [8, 2]"),
     "unknown architecture": (lambda g, p: ours(g, p, lambda c: c.update(arch="resnet")),
-                             "does not match its architecture 'resnet': unknown model architecture"),
+                             "does not match its architecture 'resnet': unknown model.arch 'resnet' for task product"),
+    # a built-in task's checkpoint is checked against the network of the task it names
+    "another task's name": (lambda g, p: ours(g, p, lambda c: c.update(task="mnist")),
+                            "does not match its architecture 'product_mlp': unknown model.arch 'product_mlp' for task "
+                            "mnist"),
+    "version-1 size key": (lambda g, p: ours(g, p, lambda c: c["model_config"].update(num_classes=10)),
+                           "does not match its architecture 'product_mlp': unknown model.num_classes"),
     "NaN weight": (lambda g, p: ours(g, p, set_weight(W0, lambda w: w.index_fill(1, torch.tensor([1]), float("nan")))),
                    f"has non-finite weights in {W0}"),
     "inf statistic": (lambda g, p: ours(g, p, set_weight("input_norm.std", lambda s: s * float("inf"))),
@@ -178,9 +184,9 @@ def test_validate_checkpoint_refuses_the_dtypes_load_state_dict_casts(broken):
     for name in ("float64 weights", "integer weights"):
         raw = torch.load(broken_file(broken, name), weights_only=True)
         # torch alone accepts it: were that to change, this file would no longer reach our check
-        models.build_predictor("product_mlp").load_state_dict(raw["state_dict"])
+        predictor("product", "product_mlp").load_state_dict(raw["state_dict"])
         with pytest.raises(CheckpointError, match=re.escape(BROKEN[name][1])):
-            validate_checkpoint(raw)
+            validate_checkpoint(raw, t2d.builtin_tasks()["product"])
 
 
 @pytest.mark.parametrize("name", BROKEN)
@@ -263,7 +269,7 @@ def test_check_optimizer_state_refuses_a_moment_torch_accepts(good):
     ckpt = load_checkpoint(good / "last.pt")
     make, message = BAD_STATE["moment of the wrong shape"]
     make(ckpt)
-    opt = torch.optim.Adam(models.build_predictor("product_mlp").net.parameters())
+    opt = torch.optim.Adam(predictor("product", "product_mlp").net.parameters())
     opt.load_state_dict(ckpt["resume"]["optimizer"])  # torch alone accepts it: it checks only parameter counts
     with pytest.raises(ValueError, match=re.escape(message)):
         check_optimizer_state(opt)
@@ -308,7 +314,7 @@ def test_sigkill_mid_save_leaves_one_complete_version(tmp_path):
 
     The saver is forked from a helper that imported torch once, so each round costs no import.
     """
-    model = models.build_predictor("product_mlp").state_dict()
+    model = predictor("product", "product_mlp").state_dict()
     versions = [serialize({"task": "product", "arch": "product_mlp", "model_config": {}, "state_dict": model,
                            "epoch": 1, "tag": tag, "blob": torch.full((6_000_000,), float(tag))}) for tag in (0, 1)]
     digests = [hashlib.sha256(v).hexdigest() for v in versions]
