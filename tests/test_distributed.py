@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import t2d  # noqa: E402
 from models.checkpoint import load_checkpoint, predictor_from_checkpoint  # noqa: E402
 from train.data import batch_order  # noqa: E402
 from train.main import main  # noqa: E402
@@ -183,8 +184,9 @@ def test_distributed_checkpoint_loads_in_one_process(single, dist):
     assert not any(k.startswith("module.") or ".module." in k for k in ckpt["state_dict"])
     x = torch.tensor([[2.0, 3.0], [7.5, 9.0]])
     with torch.no_grad():
-        pred = predictor_from_checkpoint(ckpt)(x)
-        ref = predictor_from_checkpoint(load_checkpoint(single / "best.pt"))(x)
+        product = t2d.builtin_tasks()["product"]
+        pred = predictor_from_checkpoint(ckpt, product)(x)
+        ref = predictor_from_checkpoint(load_checkpoint(single / "best.pt"), product)(x)
     torch.testing.assert_close(pred, ref, rtol=REL_TOL, atol=0)
 
 

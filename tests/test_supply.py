@@ -123,9 +123,9 @@ def test_the_check_flags_vulnerable_versions():
 
 # Where each group of files may take its third-party imports from: the package's own dependencies,
 # plus the dev extra for the tests. Imports inside functions count too (ast walks the whole file).
-IMPORT_SCOPES = {("models", "train", "export", "serve", "bench"): ("dependencies",),
-                 ("tests",): ("dependencies", "dev")}
-OWN_MODULES = {"models", "train", "export", "serve", "bench", "conftest", "serving", "test_train"}
+IMPORT_SCOPES = {("t2d", "models", "train", "export", "serve", "bench"): ("dependencies",),
+                 ("tests", "examples"): ("dependencies", "dev")}  # examples: users' tasks, run in development
+OWN_MODULES = {"t2d", "models", "train", "export", "serve", "bench", "examples", "conftest", "serving", "test_train"}
 
 
 def _declared(groups: tuple[str, ...]) -> set[str]:
