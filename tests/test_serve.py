@@ -30,6 +30,7 @@ import yaml
 from conftest import REPO, class_images
 from serving import Server, copy_store, entry_folder, env_for, exported, image_with, png, python, softmax
 
+import t2d
 from models.checkpoint import load_checkpoint, predictor_from_checkpoint
 from serve.limits import MAX_BODY_BYTES, MAX_ROWS
 
@@ -85,7 +86,8 @@ def store(tmp_path_factory) -> Store:
         assert made.returncode == 0, made.stderr
         tags[name] = made.stdout.strip().splitlines()[-1]
     ckpts = {task: load_checkpoint(base.root / task / "best.pt") for task in ("product", "fashion-mnist")}
-    return Store(home, root, tags, {task: predictor_from_checkpoint(c) for task, c in ckpts.items()},
+    tasks = t2d.builtin_tasks()
+    return Store(home, root, tags, {task: predictor_from_checkpoint(c, tasks[task]) for task, c in ckpts.items()},
                  list(ckpts["fashion-mnist"]["classes"]))
 
 
@@ -116,9 +118,11 @@ def eager_product(store: Store, x) -> np.ndarray:
 
 
 def eager_probabilities(store: Store, images: np.ndarray) -> np.ndarray:
-    """(N, 28, 28) pixels 0..255 -> (N, 10): the checkpoint's Predictor takes raw pixels."""
+    """(N, 28, 28) pixels 0..255, as /classify takes them -> (N, 10): the checkpoint's Predictor takes pixels in
+    [0, 1], the units it trained on."""
     with torch.no_grad():
-        logits = store.eager["fashion-mnist"](torch.tensor(images, dtype=torch.float32)[:, None]).double().numpy()
+        pixels = torch.tensor(images, dtype=torch.float32)[:, None] / 255
+        logits = store.eager["fashion-mnist"](pixels).double().numpy()
     return softmax(logits)
 
 
