@@ -171,6 +171,19 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
     return FitResult(predictor.eval(), kept_epoch, best_metrics, epoch, stopped)
 
 
+def check_output_shape(task: t2d.Task, arch: str, net: torch.nn.Module, x: torch.Tensor) -> None:
+    """ConfigError unless the network maps a batch of training inputs to (batch, output.size): a regression
+    net returning (B,) against targets (B, 1) would otherwise train on a silently broadcast (B, B) loss.
+    Run in eval mode, so that BatchNorm's running statistics and the RNG are left as they were."""
+    was_training = net.training
+    with torch.no_grad():
+        got = tuple(net.eval()(x).shape)  # (2, *input.shape) -> (2, output.size)
+    net.train(was_training)
+    if got != (len(x), task.output.size):
+        raise ConfigError(f"task {task.name}'s network {arch} maps a batch of {len(x)} inputs to shape {list(got)}; "
+                          f"its Output {task.output.name} needs {[len(x), task.output.size]}")
+
+
 def check_resume_state(cfg: Config, resume: dict) -> None:
     """Refuse, before a run writes anything, a resume checkpoint whose weights or optimizer state do not
     fit the model its config describes: `fit` loads the same state into the same model and optimizer."""

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from models import build_predictor
 from models.checkpoint import CheckpointError, first_line, load_checkpoint, remove_stale_temp_files, save_checkpoint, \
     validate_checkpoint
 from t2d import DataError, builtin_tasks
 from train.config import SECTIONS, Config, ConfigError, build_config, load_yaml, parse_overrides
 from train.data import TaskData, load_task_data
 from train.engine import NonFiniteLossError, evaluate, predict
-from train.fit import FitResult, check_resume_data, check_resume_state, fit
+from train.fit import FitResult, check_output_shape, check_resume_data, check_resume_state, fit
 from t2d.files import write_json
 from train.report import RunLog, fmt_metrics, read_history, scalars
 from train.runtime import Runtime, barrier, setup, teardown
@@ -142,6 +143,9 @@ def run(cfg: Config, resume: dict | None = None) -> dict:
         data = load_task_data(cfg, rt.device)
         if resume is not None:
             check_resume_data(cfg, len(data.train_x), rt.world_size, resume)
+        # the task's network on 2 training inputs: the shape its Output declares, before anything is written
+        check_output_shape(cfg.task, cfg.arch, build_predictor(cfg.task, cfg.arch, cfg.model_fields).net,
+                           data.train_x[:2].cpu())
         if rt.is_main:  # only once the data is there: a run that cannot start leaves no folder behind
             out.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(out)  # left by a run killed mid-save; nothing saves here yet
