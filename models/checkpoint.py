@@ -122,9 +122,16 @@ def validate_checkpoint(ckpt: dict[str, Any], task, name: str = "checkpoint") ->
     arch = ckpt.get("arch")
     if ckpt.get("task") != task.name:
         raise CheckpointError(f"{name} was trained on task {ckpt.get('task')!r}, not {task.name!r}")
+
+    def expected_weights(device: str) -> dict[str, torch.Tensor]:
+        with torch.device(device):
+            return build_predictor(task, arch, ckpt.get("model_config")).state_dict()
+
     try:
-        with torch.device("meta"):
-            expected = build_predictor(task, arch, ckpt.get("model_config")).state_dict()
+        try:
+            expected = expected_weights("meta")
+        except RuntimeError:  # a user's network whose __init__ needs real values (.item(), numpy): build it for real
+            expected = expected_weights("cpu")
     except (ValueError, TypeError, KeyError, RuntimeError, OverflowError) as e:  # unknown arch, bad config
         raise CheckpointError(f"{name} does not match its architecture {arch!r}: {first_line(e)}") from None
     problem = weights_problem(ckpt.get("state_dict"), expected)
