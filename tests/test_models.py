@@ -1,6 +1,7 @@
 """models: the networks, the raw-units Predictor, and the checkpoint format (no training here)."""
 
 import pickle
+import re
 import resource
 import signal
 
@@ -331,3 +332,13 @@ def test_version_1_product_checkpoint_keeps_its_statistics(tmp_path):
     x = 1 + 9 * torch.rand(5, 2)
     with torch.no_grad():
         assert torch.equal(predictor_from_checkpoint(ckpt, PRODUCT)(x), old(x))
+
+
+def test_validation_builds_the_expected_network_without_memory():
+    """A checkpoint's model_config may ask for any size: the expected weights are built on the meta device, so
+    a config of 10^12 weights (4 TB) is refused by shape at once instead of being allocated."""
+    state = build("product_mlp").state_dict()
+    ckpt = {"task": "product", "arch": "product_mlp", "model_config": {"hidden": [10**6, 10**6]}, "state_dict": state}
+    with pytest.raises(CheckpointError, match=re.escape("net.layers.0.weight has shape [16, 2], the network's is "
+                                                        "[1000000, 2]")):
+        predictor_from_checkpoint(ckpt, PRODUCT)

@@ -324,6 +324,29 @@ def test_user_task_in_process_trains_resumes_and_exports(user_modules, tmp_path,
     assert report["passed"] and report["batch_sizes"] == [1, 7, 1024]
 
 
+class SizedByValues(nn.Module):
+    """A user's network whose __init__ computes with tensor values (.item()): impossible on the meta device,
+    where checkpoint validation builds networks first."""
+
+    def __init__(self, cfg, task):
+        super().__init__()
+        width = int(torch.tensor(task.input.shape).prod().item())
+        self.linear = nn.Linear(width, task.output.size)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+def test_network_built_from_tensor_values_resumes_and_exports(monkeypatch, tmp_path, capsys):
+    task = task_of(data=lambda opts: splits_with(*synthetic()), models={"net": Model(NetConfig, SizedByValues)})
+    ref = f"{register(monkeypatch, TASK=task)}:TASK"
+    assert train_main([*FAST, "--task", ref, "--out", str(tmp_path / "run"), "--epochs", "1"]) == 0
+    assert train_main([*FAST, "--task", ref, "--resume", str(tmp_path / "run" / "last.pt"), "--epochs", "2"]) == 0
+    assert export.main.main(["--task", ref, "--checkpoint", str(tmp_path / "run" / "best.pt"), "--out",
+                             str(tmp_path / "export"), "--no-register", "--batch-sizes", "1,3"]) == 0, \
+        capsys.readouterr().err
+
+
 # --- t2d.Task refuses a bad declaration -------------------------------------------------------------
 
 @dataclass
