@@ -49,7 +49,8 @@ def images_and_labels(images: Path, labels: Path) -> tuple[torch.Tensor, torch.T
         raise DataError(f"{images} holds {x.dtype} images of shape {x.shape[1:]}, expected 28x28 uint8")
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(f"{labels} holds {y.shape} labels for {len(x)} images in {images}")
-    pixels = torch.from_numpy(x).unsqueeze(1).float().div_(255.0)
+    # astype copies into a writable array: torch.from_numpy of the read-only file buffer warns on every run
+    pixels = torch.from_numpy(x.astype(np.float32)).unsqueeze(1).div_(255.0)
     return pixels, torch.from_numpy(y.astype(np.int64))
 
 
