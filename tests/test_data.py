@@ -18,7 +18,8 @@ from train.data import Augment, batch_order, sampler_shard, tensor_shard
 from train.main import parse_args, run
 
 # (name, torchvision's name, extra folders) of the built-in image tasks, as t2d.builtin.images declares them
-IMAGE_TASKS = {"mnist": ("mnist", "MNIST", ()), "fashion-mnist": ("fashion-mnist", "FashionMNIST", (DEBIAN_FASHION_MNIST,))}
+IMAGE_TASKS = {"mnist": ("mnist", "MNIST", ()),
+               "fashion-mnist": ("fashion-mnist", "FashionMNIST", (DEBIAN_FASHION_MNIST,))}
 
 
 def find_idx_files(task: str, data_dir: str, download: bool):
