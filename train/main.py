@@ -24,7 +24,7 @@ import yaml
 from models import build_predictor
 from models.checkpoint import CheckpointError, first_line, load_checkpoint, remove_stale_temp_files, save_checkpoint, \
     validate_checkpoint
-from t2d import DataError, builtin_tasks
+from t2d import DataError, builtin_tasks, is_builtin
 from train.config import SECTIONS, Config, ConfigError, build_config, load_yaml, parse_overrides
 from train.data import TaskData, load_task_data
 from train.engine import NonFiniteLossError, evaluate, predict
@@ -221,7 +221,7 @@ def _finish(cfg: Config, data: TaskData, rt: Runtime, out: Path, result: FitResu
     n_cls = len(data.classes) if data.classes else 0
     test = evaluate(model, data.test_x, data.test_y, regression, cfg.data.eval_batch_size, rt, n_cls)
     summary = {
-        "task": cfg.task.name, "arch": cfg.arch, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+        "task": cfg.task.name, "task_ref": None if is_builtin(cfg.task) else cfg.run.task, "arch": cfg.arch, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
         "stopped": result.stopped, "train_seconds": round(train_seconds, 3), "device": str(rt.device),
         "precision": rt.precision, "processes": rt.world_size,
         "val": scalars(result.best_metrics),
