@@ -7,8 +7,16 @@
 
 Endpoints (all POST): /predict, /predict_batch (product); /classify (JSON pixels), /classify_png
 (a PNG body) (classifier). GET /livez, /readyz; the Swagger UI at / has an example body for each
-JSON endpoint. Which models are served and how to pin them: `serve.store`. Input checks:
-`serve.validate`. Size and content-type limits: `serve.limits`.
+JSON endpoint. Every model in the store, under its own name, over the Open Inference Protocol: /v2
+(`serve.v2`, a Starlette app mounted here). Which models are served and how to pin them:
+`serve.store`; the models are loaded once, in __init__, into one `Registry` that the typed endpoints
+and /v2 share (__init__ hands it to the mounted app). Input checks: `serve.validate` (typed),
+`serve.v2` (v2). Size, content-type and method limits: `serve.limits`, for both.
+
+BentoML builds one Starlette app whose routes include the mounted /v2 app, and wraps all of it in its
+middleware: the 429 (max_concurrency) and 504 (timeout) below apply to /v2 as to the typed endpoints
+(tests/test_serve_v2.py holds both). BentoML exempts only /livez, /readyz, /healthz and /metrics from
+the 429, so probes belong on those, not on /v2/health/*.
 
 Errors are JSON with an "error" message: 400 for a body that does not validate (BentoML's answer
 to a pydantic error, with a "detail" list) or is not a PNG, 405 a method but POST, 413 too big, 415

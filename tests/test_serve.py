@@ -12,8 +12,7 @@ The store holds good product and fashion-mnist exports and, registered after the
 whose weights are scaled up 1e4-fold per layer (its outputs overflow float32 on large inputs) and an
 `mnist` entry whose model.onnx is garbage. The main server pins the good ones (T2D_PRODUCT_MODEL,
 T2D_CLASSIFIER_MODEL) and leaves the mnist name out (T2D_MODELS=-mnist); a second server, without pins,
-serves the newest: the loud product and the
-broken classifier.
+serves the newest: the loud product and the broken classifier.
 """
 
 import json
