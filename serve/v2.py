@@ -173,6 +173,10 @@ def _unique_keys(pairs: list[tuple]) -> dict:
     return obj
 
 
+# Made once: json.loads with hooks builds a new decoder per call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+
+
 def parse_body(raw: bytes) -> dict:
     """The request body as a dict with known keys; V2Error 400 otherwise."""
     try:
@@ -180,11 +184,13 @@ def parse_body(raw: bytes) -> dict:
     except UnicodeDecodeError:
         raise V2Error(400, "the body is not UTF-8 text; send JSON") from None
     try:
-        body = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+        body = _DECODER.decode(text)
     except json.JSONDecodeError as e:
         raise V2Error(400, f"the body is not valid JSON: {e}") from None
     except RecursionError:
         raise V2Error(400, "the body's JSON is nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4300 digits (Python's int-from-string limit)
+        raise V2Error(400, f"the body holds a number json cannot read: {_first_line(e)}") from None
     if type(body) is not dict:
         raise V2Error(400, 'the body must be a JSON object: {"inputs": [{"name", "shape", "datatype", "data"}]}')
     unknown = body.keys() - REQUEST_KEYS
@@ -211,7 +217,7 @@ def parse_inputs(entries, specs: tuple[TensorSpec, ...]) -> tuple[dict[str, np.n
             raise V2Error(400, f"{where} " + (f"lacks {', '.join(sorted(missing))}" if missing else
                                               f"has unknown key(s) {sorted(unknown)}") +
                           f"; it takes {', '.join(sorted(INPUT_KEYS))}")
-        spec = by_name.get(entry["name"])
+        spec = by_name.get(entry["name"]) if type(entry["name"]) is str else None
         if spec is None:
             raise V2Error(400, f"{where}.name is {_show(entry['name'])}; this model takes {expected}")
         if spec.name in feeds:
@@ -276,7 +282,7 @@ def parse_outputs(entries, specs: tuple[TensorSpec, ...]) -> list[TensorSpec]:
         where = f"outputs[{i}]"
         if type(entry) is not dict or "name" not in entry or entry.keys() - OUTPUT_KEYS:
             raise V2Error(400, f"{where} must be an object with a name (and optional parameters)")
-        spec = by_name.get(entry["name"])
+        spec = by_name.get(entry["name"]) if type(entry["name"]) is str else None
         if spec is None:
             raise V2Error(400, f"{where}.name is {_show(entry['name'])}; this model gives {names}")
         if spec in wanted:
@@ -297,6 +303,10 @@ def check_parameters(parameters, where: str) -> None:
             raise V2Error(400, f"{where}.{key} is {_show(value)}; parameters are strings, numbers or booleans")
         if key in BINARY_PARAMETERS and value is not False:
             raise V2Error(400, f"{where}.{key}: binary tensor data is not supported; send JSON data")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _show(value) -> str:
@@ -325,14 +335,14 @@ def make_app() -> Starlette:
     `app.state.registry` is set by the service once the models are loaded."""
     model = "/v2/models/{name}"
     version = "/v2/models/{name}/versions/{version}"
-    routes = [Route("/v2", server_metadata, methods=["GET"]),
+    # The infer routes first: Starlette tries routes in order, and they take most of the traffic.
+    routes = [Route(model + "/infer", infer, methods=["POST"]), Route(version + "/infer", infer, methods=["POST"]),
+              Route("/v2", server_metadata, methods=["GET"]),
               Route("/v2/", server_metadata, methods=["GET"]),
               Route("/v2/health/live", live, methods=["GET"]),
               Route("/v2/health/ready", ready, methods=["GET"])]
     for prefix in (model, version):
-        routes += [Route(prefix, model_metadata, methods=["GET"]),
-                   Route(prefix + "/ready", model_ready, methods=["GET"]),
-                   Route(prefix + "/infer", infer, methods=["POST"])]
+        routes += [Route(prefix, model_metadata, methods=["GET"]), Route(prefix + "/ready", model_ready, methods=["GET"])]
     routes.append(Route("/v2/{rest:path}", not_found))  # a JSON 404 for any other path under /v2
     app = Starlette(routes=routes, exception_handlers={V2Error: _error, HTTPException: _error})
     app.state.registry = None

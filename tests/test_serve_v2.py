@@ -230,6 +230,8 @@ P = "/v2/models/product/infer"
 BAD = {
     # name: (path, body, Content-Type, status, text the error must contain)
     "wrong input name": (P, body(name="z"), JSON, 400, 'inputs[0].name is "z"; this model takes x (FP32 [n, 2])'),
+    "input name not a string": (P, body(name=["x"]), JSON, 400, 'inputs[0].name is ["x"]'),
+    "output name not a string": (P, {**body(), "outputs": [{"name": {"y": 1}}]}, JSON, 400, 'outputs[0].name is {"y": 1}'),
     "no inputs key": (P, {"id": "a"}, JSON, 400, "inputs must be a non-empty list"),
     "empty inputs": (P, {"inputs": []}, JSON, 400, "inputs must be a non-empty list"),
     "input without data": (P, {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32"}]}, JSON, 400,
@@ -262,6 +264,8 @@ BAD = {
     "overflows float32": (P, body(data=[1e39, 4]), JSON, 400, "1e+39, beyond float32"),
     "overflows float64": (P, raw(data=[0, 4]).replace("0", "1e400", 1), JSON, 400, "inf, beyond float32"),
     "huge integer": (P, raw(data=[0, 4]).replace("0", "1" + "0" * 400, 1), JSON, 400, "beyond float32"),
+    "5000-digit integer": (P, raw(data=[0, 4]).replace("0", "1" * 5000, 1), JSON, 400,
+                           "a number json cannot read: Exceeds the limit (4300 digits)"),
     "mydata above its range": ("/v2/models/mydata/infer", body(name="features", data=[3, 100.5]), JSON, 400,
                                "inputs[0] (features).data[1] is 100.5, outside the valid range [0, 100]"),
     "pixels 0..255 where [0, 1] belongs": ("/v2/models/fashion-mnist/infer",
@@ -300,6 +304,40 @@ def test_bad_request_is_a_4xx_json_error_and_the_server_keeps_serving(server, na
     assert set(got) == {"error"} and isinstance(got["error"], str) and "\n" not in got["error"], got
     assert text in got["error"], got
     server.expect(infer(server, "product", [[3, 4]]), 200)
+
+
+ODD_VALUES = [None, True, False, 0, -1, 1.5, 1e300, "x", "", [], [[]], {}, {"a": 1}, [None], ["x"] * 3]
+
+
+def _replacements(value, path=()):
+    """Every (path, odd value) pair: each node of a valid body replaced by each odd value in turn."""
+    for odd in ODD_VALUES:
+        yield path, odd
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        yield from _replacements(child, (*path, key))
+
+
+def _replaced(value, path, odd):
+    if not path:
+        return odd
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replaced(value[path[0]], path[1:], odd)
+    return copy
+
+
+def test_any_value_anywhere_in_the_body_is_a_4xx_or_a_200_never_a_5xx(server):
+    valid = {"id": "a", "inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [3, 4],
+                                    "parameters": {"p": 1}}], "outputs": [{"name": "y"}], "parameters": {"q": "r"}}
+    statuses = {}
+    for path, odd in _replacements(valid):
+        got = server.post(P, json.dumps(_replaced(valid, path, odd)))
+        statuses[got.status] = statuses.get(got.status, 0) + 1
+        assert got.status in (200, 400), (path, odd, got.status, got.body[:300])
+        if got.status == 400:
+            assert set(got.json) == {"error"}, (path, odd, got.body[:300])
+    assert statuses[400] > 200 and statuses.get(200, 0) > 5, statuses  # both kinds exercised
+    assert "Traceback" not in server.log()
 
 
 def test_wrong_methods_are_405_json(server):
