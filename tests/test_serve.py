@@ -379,5 +379,9 @@ def test_bentoml_build_packs_the_served_models_and_serves_them(store):
         srv.wait_ready()
         assert srv.expect(srv.post("/classify", image_with(0)), 200)["model"] == store.tags["fashion-mnist"]
         assert srv.expect(srv.post("/predict", {"x1": 3, "x2": 4}), 200)["model"] == store.tags["product"]
+        # Over /v2 too: the packed names at their packed versions, and nothing else in the store.
+        for task in ("product", "fashion-mnist"):
+            assert srv.expect(srv.get(f"/v2/models/{task}"), 200)["versions"] == [store.tags[task].split(":")[1]]
+        assert srv.get("/v2/models/mnist").status == 404
     finally:
         srv.stop()
