@@ -8,8 +8,9 @@ model (the same typed models, middleware, limits and answer sizes, a constant fo
 in each round, every endpoint at 1 and 32 connections is loaded with wrk (`apt-get install wrk`) on one
 service and then the other, alternating which goes first (ABAB), so a machine that speeds up or slows
 down over the run moves both sides alike. Prints every run (requests/s, p50/p99 latency, non-2xx), the
-ratio ours/floor of requests/s per round with its median and range, and rows/s of /predict_batch (256
-rows) over requests/s of /predict.
+ratio ours/floor of requests/s per round with its median and range, rows/s of /predict_batch (256
+rows) over requests/s of /predict, and POST /v2/models/product/infer (1 and 256 rows) over the typed
+/predict and /predict_batch.
 """
 
 import argparse
@@ -28,13 +29,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH_ROWS = 256
+V2_INFER = "/v2/models/product/infer"
 
 
-def bodies() -> dict[str, str]:
+def bodies() -> dict[str, tuple[str, str]]:
+    """label -> (path, body)."""
     rows = [[1 + (i % 9), 1 + ((i * 7) % 9) + 0.5] for i in range(BATCH_ROWS)]
     image = [[(r * 28 + c) % 256 for c in range(28)] for r in range(28)]
-    return {"predict": json.dumps({"x1": 3.0, "x2": 4.0}), "predict_batch": json.dumps({"x": rows}),
-            "classify": json.dumps({"image": image})}
+
+    def v2(x: list[list[float]]) -> str:
+        return json.dumps({"inputs": [{"name": "x", "shape": [len(x), 2], "datatype": "FP32",
+                                       "data": [v for row in x for v in row]}]})
+
+    return {"/predict": ("/predict", json.dumps({"x1": 3.0, "x2": 4.0})),
+            "/predict_batch": ("/predict_batch", json.dumps({"x": rows})),
+            "/classify": ("/classify", json.dumps({"image": image})),
+            "/v2 infer[1]": (V2_INFER, v2([[3.0, 4.0]])),
+            f"/v2 infer[{BATCH_ROWS}]": (V2_INFER, v2(rows))}
 
 
 def free_port() -> int:
@@ -102,12 +113,12 @@ def main() -> None:
         try:
             for round_ in range(a.rounds):
                 order = ["ours", "floor"] if round_ % 2 == 0 else ["floor", "ours"]
-                for endpoint, body in bodies().items():
+                for endpoint, (path, body) in bodies().items():
                     for c in (1, 32):
                         for name in order:
-                            r = wrk(f"http://127.0.0.1:{started[name][1]}/{endpoint}", body, c, a.seconds, tmp)
+                            r = wrk(f"http://127.0.0.1:{started[name][1]}{path}", body, c, a.seconds, tmp)
                             results.setdefault((name, endpoint, c), []).append(r)
-                            print(f"round {round_ + 1} {name:<6} /{endpoint:<14} c={c:<3} {r['rps']:9.1f} req/s  "
+                            print(f"round {round_ + 1} {name:<6} {endpoint:<16} c={c:<3} {r['rps']:9.1f} req/s  "
                                   f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  non-2xx {r['non2xx']}  "
                                   f"{r['socket_errors']}", flush=True)
         finally:
@@ -119,12 +130,17 @@ def main() -> None:
             for c in (1, 32):
                 ratios = [o["rps"] / f["rps"] for o, f in zip(results["ours", endpoint, c], results["floor", endpoint, c],
                                                              strict=True)]
-                print(f"  /{endpoint:<14} c={c:<3} {' '.join(f'{r:.2f}' for r in ratios)}  "
+                print(f"  {endpoint:<16} c={c:<3} {' '.join(f'{r:.2f}' for r in ratios)}  "
                       f"(median {statistics.median(ratios):.2f}, {min(ratios):.2f}-{max(ratios):.2f})")
+        print("\nours, medians:")
         for c in (1, 32):
-            rows = statistics.median(r["rps"] for r in results["ours", "predict_batch", c]) * BATCH_ROWS
-            single = statistics.median(r["rps"] for r in results["ours", "predict", c])
-            print(f"rows/s of /predict_batch ({BATCH_ROWS} rows) over /predict requests/s, c={c}: {rows / single:.0f}x")
+            med = {e: statistics.median(r["rps"] for r in results["ours", e, c]) for e in bodies()}
+            print(f"  c={c:<3} rows/s of /predict_batch ({BATCH_ROWS} rows) over /predict requests/s: "
+                  f"{med['/predict_batch'] * BATCH_ROWS / med['/predict']:.0f}x")
+            print(f"  c={c:<3} /v2 infer[1] over /predict requests/s: {med['/v2 infer[1]'] / med['/predict']:.2f}x; "
+                  f"/v2 infer[{BATCH_ROWS}] over /predict_batch: {med[f'/v2 infer[{BATCH_ROWS}]'] / med['/predict_batch']:.2f}x")
+        non2xx = {k: sum(r["non2xx"] for r in v) for k, v in results.items() if any(r["non2xx"] for r in v)}
+        print(f"non-2xx answers: {non2xx or 'none'}")
 
 
 def cpu_model() -> str:

@@ -18,6 +18,7 @@ request.
 import asyncio
 import contextvars
 import json
+import re
 from contextvars import ContextVar
 
 from bentoml._internal.server.http import traffic
@@ -42,20 +43,32 @@ PNG = "image/png"
 
 
 class RequestGuard:
-    """Pure ASGI middleware for the POST routes in `routes` (path -> the one Content-Type they take).
+    """Pure ASGI middleware for the POST routes in `routes` (path -> the one Content-Type they take) and
+    in `patterns` (a regular expression the whole path must match -> Content-Type), for routes with
+    path parameters such as /v2/models/{name}/infer.
 
     A request without a Content-Type is taken as the route's type, as BentoML does for JSON. The
     body is read here, at most `max_bytes` of it, and replayed to the app: the app never starts on
     a body that is too big, so it cannot turn the refusal into a 500.
     """
 
-    def __init__(self, app, routes: dict[str, str], max_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, app, routes: dict[str, str], patterns: dict[str, str] | None = None,
+                 max_bytes: int = MAX_BODY_BYTES):
         self.app = app
         self.routes = routes
+        self.patterns = [(re.compile(p), content_type) for p, content_type in (patterns or {}).items()]
         self.max_bytes = max_bytes
 
+    def expected_type(self, path: str) -> str | None:
+        expected = self.routes.get(path)
+        if expected is None:
+            for pattern, content_type in self.patterns:
+                if pattern.fullmatch(path):
+                    return content_type
+        return expected
+
     async def __call__(self, scope, receive, send):
-        expected = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        expected = self.expected_type(scope.get("path", "")) if scope["type"] == "http" else None
         if expected is None:
             return await self.app(scope, receive, send)
         if scope["method"] not in ("POST", "OPTIONS"):  # OPTIONS: a CORS preflight, should CORS be enabled

@@ -7,8 +7,16 @@
 
 Endpoints (all POST): /predict, /predict_batch (product); /classify (JSON pixels), /classify_png
 (a PNG body) (classifier). GET /livez, /readyz; the Swagger UI at / has an example body for each
-JSON endpoint. Which models are served and how to pin them: `serve.store`. Input checks:
-`serve.validate`. Size and content-type limits: `serve.limits`.
+JSON endpoint. Every model in the store, under its own name, over the Open Inference Protocol: /v2
+(`serve.v2`, a Starlette app mounted here). Which models are served and how to pin them:
+`serve.store`; the models are loaded once, in __init__, into one `Registry` that the typed endpoints
+and /v2 share (__init__ hands it to the mounted app). Input checks: `serve.validate` (typed),
+`serve.v2` (v2). Size, content-type and method limits: `serve.limits`, for both.
+
+BentoML builds one Starlette app whose routes include the mounted /v2 app, and wraps all of it in its
+middleware: the 429 (max_concurrency) and 504 (timeout) below apply to /v2 as to the typed endpoints
+(tests/test_serve_v2.py holds both). BentoML exempts only /livez, /readyz, /healthz and /metrics from
+the 429, so probes belong on those, not on /v2/health/*.
 
 Errors are JSON with an "error" message: 400 for a body that does not validate (BentoML's answer
 to a pydantic error, with a "detail" list) or is not a PNG, 405 a method but POST, 413 too big, 415
@@ -41,9 +49,13 @@ from bentoml.validators import ContentType
 from starlette.responses import JSONResponse
 
 from serve.limits import JSON, MAX_CONCURRENCY, PNG, TIMEOUT_S, RequestGuard, mend_bentoml_timeout
-from serve.store import SLOTS, OnnxModel, load_slot, registered_tags
+from serve.store import OnnxModel, load_registry, registered_tags
+from serve.v2 import V2_POST_ROUTE, app as v2_app
 from serve.validate import (ClassifyInput, ClassifyOutput, InputError, PredictBatchInput, PredictBatchOutput,
                             PredictInput, PredictOutput, check_unique_keys, png_pixels, quiet_validation_errors)
+
+
+PIXEL_SCALE = np.float32(255)  # /classify and /classify_png take pixels 0..255; the models take [0, 1]
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -55,16 +67,20 @@ def error(status: int, message: str) -> JSONResponse:
 # One worker process: a request is about 2 ms of Python HTTP and JSON work around 15-70 us of
 # onnxruntime, and this project's machines have 2 shared cores; on a bigger machine, more workers
 # scale with the cores (BentoML splits max_concurrency between them). The limits: `serve.limits`.
+@bentoml.asgi_app(v2_app, path="/")  # its routes start with /v2 (see serve.v2.make_app)
 @bentoml.service(workers=1, traffic={"timeout": TIMEOUT_S, "max_concurrency": MAX_CONCURRENCY})
 class TrainToDeploy:
     def __init__(self) -> None:
         # Served from a built Bento: the model tags it was built with (`bento` is set once BentoML loads one).
         bento = TrainToDeploy.bento
         packed = [str(m.tag) for m in bento.info.all_models] if bento is not None else None
+        # Every model, loaded once in this worker; the typed endpoints and /v2 share them.
+        self.registry = load_registry(packed)
         # A slot without a usable model is None with the reason; its endpoints answer 503 with it.
-        self.product, self.product_error, product_ok = load_slot(SLOTS["product"], packed)
-        self.classifier, self.classifier_error, classifier_ok = load_slot(SLOTS["classifier"], packed)
-        self.ready = product_ok and classifier_ok
+        self.product, self.product_error = self.registry.slots["product"]
+        self.classifier, self.classifier_error = self.registry.slots["classifier"]
+        self.ready = self.registry.ready
+        v2_app.state.registry = self.registry  # the mounted app reads the same registry
 
     async def __is_ready__(self) -> bool:
         """/readyz: False (503) while a model that should be served is broken; see the module docstring."""
@@ -129,7 +145,7 @@ class TrainToDeploy:
     def _classify(self, pixels: np.ndarray) -> ClassifyOutput:
         """The answer for one (28, 28) image of pixels in 0..255."""
         model: OnnxModel = self.classifier
-        image = (pixels / np.float32(model.contract["pixel_scale"])).reshape(1, 1, 28, 28)  # to the model's [0, 1]
+        image = (pixels / PIXEL_SCALE).reshape(1, 1, 28, 28)  # HTTP pixels 0..255 -> the model's [0, 1]
         logits = model.run(image)[0].astype(np.float64)  # (10,)
         if not np.isfinite(logits).all():
             raise InputError("the model's output is not finite for this image", status=422)
@@ -142,7 +158,7 @@ class TrainToDeploy:
 
 TrainToDeploy.add_asgi_middleware(RequestGuard, routes={
     "/predict": JSON, "/predict_batch": JSON, "/classify": JSON, "/classify_png": PNG,
-})
+}, patterns={V2_POST_ROUTE: JSON})
 mend_bentoml_timeout()  # BentoML's 504 timer, without the memory it holds after each request
 quiet_validation_errors()
 # The models the endpoints would serve now, as references: `bentoml build` records their tags in the

@@ -66,5 +66,7 @@ def test_serving_benchmark_runs_in_a_short_mode(base):
     out = run([sys.executable, "bench/serving.py", "--seconds", "1", "--rounds", "1", "--product", str(base.root / "product" / "best.pt"),
                "--classifier", str(base.root / "fashion-mnist" / "best.pt")], env_for(base.home), 300)
     assert "ours / floor requests/s, per round" in out, out
-    for endpoint in ("predict", "predict_batch", "classify"):
-        assert re.search(rf"^round 1 ours\s+/{endpoint}\s+c=32\s+[\d.]+ req/s", out, re.M), out
+    for endpoint in ("/predict", "/predict_batch", "/classify", "/v2 infer[1]", "/v2 infer[256]"):
+        for side in ("ours", "floor"):
+            assert re.search(rf"^round 1 {side}\s+{re.escape(endpoint)}\s+c=32\s+[\d.]+ req/s", out, re.M), out
+    assert re.search(r"^  c=1\s+/v2 infer\[1\] over /predict requests/s: [\d.]+x", out, re.M), out

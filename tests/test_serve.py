@@ -11,8 +11,8 @@ artifacts, fuzzing and a load test: `test_serve_reliability`.
 The store holds good product and fashion-mnist exports and, registered after them, a product model
 whose weights are scaled up 1e4-fold per layer (its outputs overflow float32 on large inputs) and an
 `mnist` entry whose model.onnx is garbage. The main server pins the good ones (T2D_PRODUCT_MODEL,
-T2D_CLASSIFIER_MODEL); a second server, without pins, serves the newest: the loud product and the
-broken classifier.
+T2D_CLASSIFIER_MODEL) and leaves the mnist name out (T2D_MODELS=-mnist); a second server, without pins,
+serves the newest: the loud product and the broken classifier.
 """
 
 import json
@@ -92,7 +92,10 @@ def store(tmp_path_factory) -> Store:
 
 
 def pins(store: Store) -> dict[str, str]:
-    return {"T2D_PRODUCT_MODEL": store.tags["product"], "T2D_CLASSIFIER_MODEL": store.tags["fashion-mnist"]}
+    # Every name in the store is served over /v2, so the broken mnist entry, the only one of its name,
+    # would keep the server unready: left out ("-mnist"), as an operator would leave out a name they don't serve.
+    return {"T2D_PRODUCT_MODEL": store.tags["product"], "T2D_CLASSIFIER_MODEL": store.tags["fashion-mnist"],
+            "T2D_MODELS": "-mnist"}
 
 
 @pytest.fixture(scope="module")
@@ -380,5 +383,9 @@ def test_bentoml_build_packs_the_served_models_and_serves_them(store):
         srv.wait_ready()
         assert srv.expect(srv.post("/classify", image_with(0)), 200)["model"] == store.tags["fashion-mnist"]
         assert srv.expect(srv.post("/predict", {"x1": 3, "x2": 4}), 200)["model"] == store.tags["product"]
+        # Over /v2 too: the packed names at their packed versions, and nothing else in the store.
+        for task in ("product", "fashion-mnist"):
+            assert srv.expect(srv.get(f"/v2/models/{task}"), 200)["versions"] == [store.tags[task].split(":")[1]]
+        assert srv.get("/v2/models/mnist").status == 404
     finally:
         srv.stop()
