@@ -1,8 +1,8 @@
 """The Open Inference Protocol (KServe v2) routes, end to end: real `bentoml serve` processes, real
 onnxruntime, models that `python -m export` registered (`serving.exported`), no mocks.
 
-This module's copy of the store adds, beside the exported product and fashion-mnist (whose contract is
-the older kind: "pixel_scale", no "range"):
+This module's copy of the store adds, beside the exported product and fashion-mnist (contract version 2,
+as `python -m export` writes it):
 - `mydata`, twice (an older and a newer version): the product graph with its input and output renamed
   (`features`, `target`) and a contract_version 2 contract with a range [0, 100], so nothing the v2
   path does can rest on the built-in names or on a built-in task;
@@ -49,7 +49,7 @@ def create(name, edit_contract=None, edit_graph=None):
 
 def version_2(c):  # what the exporter writes from now on, with other names
     c.update(contract_version=2, variant="fp32")
-    c.pop("pixel_scale")
+    c.pop("pixel_scale", None)  # contracts before version 2
     c["inputs"][0].update(name="features", range=[0, 100])
     c["outputs"][0]["name"] = "target"
 
