@@ -54,7 +54,7 @@ TASK = Task(
     data=data,
     models={"mlp": Model(MLPConfig, build)},
     # Chosen on the validation split: 442 patients overfit fast, so early stopping ends the run.
-    defaults={"run": {"epochs": 500}, "data": {"batch_size": 32, "val_size": 60}, "stop": {"patience": 30},
+    defaults={"run": {"epochs": 500, "threads": 1}, "data": {"batch_size": 32, "val_size": 60}, "stop": {"patience": 30},
               "optim": {"lr": 1e-3, "weight_decay": 1e-4}, "log": {"print_every": 20}},
     description="scikit-learn's diabetes regression",
 )
