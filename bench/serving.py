@@ -137,8 +137,9 @@ def main() -> None:
             med = {e: statistics.median(r["rps"] for r in results["ours", e, c]) for e in bodies()}
             print(f"  c={c:<3} rows/s of /predict_batch ({BATCH_ROWS} rows) over /predict requests/s: "
                   f"{med['/predict_batch'] * BATCH_ROWS / med['/predict']:.0f}x")
+            batch = med[f"/v2 infer[{BATCH_ROWS}]"] / med["/predict_batch"]
             print(f"  c={c:<3} /v2 infer[1] over /predict requests/s: {med['/v2 infer[1]'] / med['/predict']:.2f}x; "
-                  f"/v2 infer[{BATCH_ROWS}] over /predict_batch: {med[f'/v2 infer[{BATCH_ROWS}]'] / med['/predict_batch']:.2f}x")
+                  f"/v2 infer[{BATCH_ROWS}] over /predict_batch: {batch:.2f}x")
         non2xx = {k: sum(r["non2xx"] for r in v) for k, v in results.items() if any(r["non2xx"] for r in v)}
         print(f"non-2xx answers: {non2xx or 'none'}")
 

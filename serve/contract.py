@@ -138,7 +138,8 @@ def check_graph(signature: Signature, graph_inputs: list, graph_outputs: list) -
                                 f"model.onnx's are {[a.name for a in args]}")
         for spec, arg in zip(specs, args):
             if arg.type != DTYPES[spec.dtype][1]:
-                raise ContractError(f"{key[:-1]} {spec.name!r} is {spec.dtype} in contract.json, {arg.type} in model.onnx")
+                raise ContractError(f"{key[:-1]} {spec.name!r} is {spec.dtype} in contract.json, "
+                                    f"{arg.type} in model.onnx")
             shape = list(arg.shape)
             if not shape or isinstance(shape[0], int):  # a symbolic name or None: dynamic
                 raise ContractError(f"{key[:-1]} {spec.name!r} has no dynamic batch axis in model.onnx (shape {shape})")

@@ -230,7 +230,8 @@ def choose(packed: list[str] | None = None) -> tuple[dict[str, Served], list[str
         try:
             if name in pins:
                 setting, tag = pins[name]
-                entry = _get(tag, f"{setting}={tag}", f"unset it to serve the newest {name} model, or register that tag")
+                entry = _get(tag, f"{setting}={tag}",
+                             f"unset it to serve the newest {name} model, or register that tag")
             elif in_bento is not None:
                 entry = _get(in_bento[name], f"model {in_bento[name]}, which this Bento was built with,",
                              "build the Bento again")
@@ -329,7 +330,8 @@ def load_registry(packed: list[str] | None = None, names: tuple[str, ...] | None
         registry.ready = False
         also = "".join(f" and the {s} endpoints" for s in slots)
         e = served.error
-        logger.error("/v2/models/%s%s unavailable: %s%s", served.name, also, e, f"\n  reason: {e.detail}" if e.detail else "")
+        logger.error("/v2/models/%s%s unavailable: %s%s", served.name, also, e,
+                     f"\n  reason: {e.detail}" if e.detail else "")
     for name, (model, error) in registry.slots.items():
         if model is not None:
             logger.info("%s endpoints serve %s", name, model.tag)

@@ -2,7 +2,8 @@
 
     curl -s -X POST 127.0.0.1:3000/v2/models/product/infer -H 'Content-Type: application/json' \\
         -d '{"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [3, 4]}]}'
-    -> {"model_name":"product","model_version":"...","outputs":[{"name":"y","datatype":"FP32","shape":[1,1],"data":[12.01...]}]}
+    -> {"model_name":"product","model_version":"...",
+        "outputs":[{"name":"y","datatype":"FP32","shape":[1,1],"data":[12.01...]}]}
 
 Routes (a Starlette app that `serve.service` mounts into the same `bentoml serve`):
 GET /v2 (server metadata), /v2/health/live, /v2/health/ready (the /readyz rule), /v2/models/{name}
@@ -27,7 +28,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from serve.contract import FLOAT32_MAX, TensorSpec
@@ -87,13 +88,15 @@ async def ready(request: Request) -> Response:
         return _json(200, {"ready": True})
     broken = sorted(n for n, s in registry.models.items() if s.error is not None)
     return _json(503, {"ready": False, "error": f"not ready: a model this server should serve failed to load "
-                                                f"({', '.join(broken) or 'see the server log'}); the server log says why"})
+                                                f"({', '.join(broken) or 'see the server log'}); "
+                                                f"the server log says why"})
 
 
 async def model_metadata(request: Request) -> Response:
     model = _model(request)
     return _json(200, {"name": model.name, "versions": [model.version], "platform": PLATFORM,
-                       "inputs": [s.metadata() for s in model.inputs], "outputs": [s.metadata() for s in model.outputs]})
+                       "inputs": [s.metadata() for s in model.inputs],
+                       "outputs": [s.metadata() for s in model.outputs]})
 
 
 async def model_ready(request: Request) -> Response:
@@ -146,7 +149,8 @@ def _model(request: Request) -> OnnxModel:
     version = request.path_params.get("version")
     served = registry.models.get(name)
     if served is None:
-        raise V2Error(404, f"no model named {name!r} is served here; served: {', '.join(sorted(registry.models)) or 'none'}")
+        raise V2Error(404, f"no model named {name!r} is served here; "
+                           f"served: {', '.join(sorted(registry.models)) or 'none'}")
     if version is not None and (served.tag is None or version != served.tag.split(":")[1]):
         now = f"this server serves {served.tag}" if served.tag else f"this server serves no version of {name}"
         if version in served.versions:
@@ -226,10 +230,12 @@ def parse_inputs(entries, specs: tuple[TensorSpec, ...]) -> tuple[dict[str, np.n
             check_parameters(entry["parameters"], f"{where}.parameters")
         feeds[spec.name] = x = input_array(entry, spec, f"{where} ({spec.name})")
         if rows is not None and len(x) != rows:
-            raise V2Error(400, f"{where} has {len(x)} rows and an earlier input {rows}; send the same rows for every input")
+            raise V2Error(400, f"{where} has {len(x)} rows and an earlier input {rows}; "
+                               f"send the same rows for every input")
         rows = len(x)
     if len(feeds) != len(specs):
-        raise V2Error(400, f"missing input(s) {[s.name for s in specs if s.name not in feeds]}; this model takes {expected}")
+        missing = [s.name for s in specs if s.name not in feeds]
+        raise V2Error(400, f"missing input(s) {missing}; this model takes {expected}")
     return feeds, rows
 
 
@@ -250,7 +256,8 @@ def input_array(entry: dict, spec: TensorSpec, where: str) -> np.ndarray:
         if not flat or type(flat[0]) is not list:
             break
         if not all(type(v) is list for v in flat):
-            raise V2Error(400, f"{where}.data mixes lists and numbers at one level; send it flat, or nested as its shape")
+            raise V2Error(400, f"{where}.data mixes lists and numbers at one level; "
+                               f"send it flat, or nested as its shape")
         flat = list(chain.from_iterable(flat))
     count = shape[0] * spec.size
     if len(flat) != count:
@@ -342,7 +349,8 @@ def make_app() -> Starlette:
               Route("/v2/health/live", live, methods=["GET"]),
               Route("/v2/health/ready", ready, methods=["GET"])]
     for prefix in (model, version):
-        routes += [Route(prefix, model_metadata, methods=["GET"]), Route(prefix + "/ready", model_ready, methods=["GET"])]
+        routes += [Route(prefix, model_metadata, methods=["GET"]),
+                   Route(prefix + "/ready", model_ready, methods=["GET"])]
     routes.append(Route("/v2/{rest:path}", not_found))  # a JSON 404 for any other path under /v2
     app = Starlette(routes=routes, exception_handlers={V2Error: _error, HTTPException: _error})
     app.state.registry = None

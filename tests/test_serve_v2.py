@@ -146,8 +146,8 @@ def test_model_metadata_comes_from_the_contract(server, store):
 
 
 def test_unknown_model_or_version_is_404(server, store):
-    for path in ("/v2/models/nosuch", "/v2/models/nosuch/ready", f"/v2/models/product/versions/nosuch",
-                 f"/v2/models/product/versions/nosuch/ready"):
+    for path in ("/v2/models/nosuch", "/v2/models/nosuch/ready", "/v2/models/product/versions/nosuch",
+                 "/v2/models/product/versions/nosuch/ready"):
         assert "error" in server.expect(server.get(path), 404)
     # In the store, not served: say which one is and how to pin this one.
     error = server.expect(server.get(f"/v2/models/mydata/versions/{version(store.tags['mydata_new'])}"), 404)["error"]
@@ -231,7 +231,8 @@ BAD = {
     # name: (path, body, Content-Type, status, text the error must contain)
     "wrong input name": (P, body(name="z"), JSON, 400, 'inputs[0].name is "z"; this model takes x (FP32 [n, 2])'),
     "input name not a string": (P, body(name=["x"]), JSON, 400, 'inputs[0].name is ["x"]'),
-    "output name not a string": (P, {**body(), "outputs": [{"name": {"y": 1}}]}, JSON, 400, 'outputs[0].name is {"y": 1}'),
+    "output name not a string": (P, {**body(), "outputs": [{"name": {"y": 1}}]}, JSON, 400,
+                                 'outputs[0].name is {"y": 1}'),
     "no inputs key": (P, {"id": "a"}, JSON, 400, "inputs must be a non-empty list"),
     "empty inputs": (P, {"inputs": []}, JSON, 400, "inputs must be a non-empty list"),
     "input without data": (P, {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32"}]}, JSON, 400,
@@ -273,7 +274,8 @@ BAD = {
                                            "data[783] is 255, outside the valid range [0, 1]"),
     "negative pixel": ("/v2/models/fashion-mnist/infer", {"inputs": [{**IMAGE, "data": [-0.1] + [0.5] * 783}]},
                        JSON, 400, "data[0] is -0.1, outside the valid range [0, 1]"),
-    "unknown output": (P, {**body(), "outputs": [{"name": "z"}]}, JSON, 400, 'outputs[0].name is "z"; this model gives y'),
+    "unknown output": (P, {**body(), "outputs": [{"name": "z"}]}, JSON, 400,
+                       'outputs[0].name is "z"; this model gives y'),
     "empty outputs": (P, {**body(), "outputs": []}, JSON, 400, "outputs, when given, must be a non-empty list"),
     "output twice": (P, {**body(), "outputs": [{"name": "y"}, {"name": "y"}]}, JSON, 400, "requested twice"),
     "id not a string": (P, {**body(), "id": 7}, JSON, 400, "id must be a string"),
@@ -396,7 +398,8 @@ def test_max_concurrency_429_and_timeout_504_apply_to_v2(store):
         assert srv.get("/readyz").status == 200 and srv.get("/v2/health/ready").status == 429
         for request in held:  # their bodies never finish: BentoML's timer answers
             reply = request.reply(timeout=30)
-            assert reply.status == 504 and "Not able to process the request in 4 seconds" in json.loads(reply.body)["error"]
+            assert reply.status == 504
+            assert "Not able to process the request in 4 seconds" in json.loads(reply.body)["error"]
         srv.expect(srv.post(P, payload), 200)
     finally:
         srv.stop()
