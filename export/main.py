@@ -309,9 +309,11 @@ def quant_line(quant: dict[str, Any]) -> str:
     g, size = quant["gate"], quant["size_bytes"]
     if "accuracy_drop" in g:
         cost = (f"test accuracy {g['quantized_accuracy']:.2f}% vs {g['float_accuracy']:.2f}% float32 "
-                f"({-g['accuracy_drop']:+.2f} points, bound -{g['max_accuracy_drop']:g})")
+                f"({0.0 - g['accuracy_drop']:+.2f} points, bound -{g['max_accuracy_drop']:g}), "
+                f"argmax agrees on {g['agreement']:.2%}")
     else:
         cost = (f"test MRE {g['quantized_mre']:.4g}% vs {g['float_mre']:.4g}% float32 "
-                f"({g['error_increase']:+.1f}%, bound +{g['max_error_increase']:g}%)")
+                f"({g['error_increase']:+.1f}%, bound +{g['max_error_increase']:g}%), "
+                f"{g['agreement']:.2%} of rows within 1%")
     return (f"{quant['variant']:<12}{quant['file']}  {size[quant['variant']] / 1024:.0f} KiB "
-            f"({size['ratio']:.2f}x float32), {quant['method']}: {cost}, argmax/rows agree {g['agreement']:.2%}")
+            f"({size['ratio']:.2f}x float32), {quant['method']}: {cost}")
