@@ -62,7 +62,7 @@ def timings(sessions: dict[str, ort.InferenceSession], x: np.ndarray, rounds: in
 
 
 def profile(path: Path, x: np.ndarray, threads: int, calls: int) -> dict[str, float]:
-    """Microseconds per call by op type (onnxruntime's profiler, node events only)."""
+    """Microseconds per call by op type (onnxruntime's profiler, node events), the first (warm-up) call left out."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.enable_profiling = True
@@ -70,14 +70,16 @@ def profile(path: Path, x: np.ndarray, threads: int, calls: int) -> dict[str, fl
         opts.profile_file_prefix = str(Path(tmp) / "p")
         s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         feed = {s.get_inputs()[0].name: x}
-        for _ in range(3):
+        for _ in range(calls + 1):
             s.run(None, feed)
         events = json.loads(Path(s.end_profiling()).read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    warm_end = runs[0][1]  # the first call packs weights and allocates: not what a serving call costs
     by_op = defaultdict(float)
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > warm_end:
             by_op[e["args"]["op_name"]] += e["dur"]
-    return {k: v / 3 for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])}  # us per call (3 calls profiled)
+    return {k: v / calls for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])}
 
 
 def explore(checkpoint: Path, float_file: Path, tmp: Path) -> None:
@@ -158,7 +160,7 @@ def bench(checkpoint: Path, a, threads: int) -> None:
                       f"  ({len(t)} calls)  x{med / base:.2f} of float32")
             if a.profile:
                 for k, f in files.items():
-                    ops = profile(f, x, threads, 3)
+                    ops = profile(f, x, threads, 5 if batch > 1 else 50)
                     total = sum(ops.values())
                     top = ", ".join(f"{op} {us:.0f}" for op, us in list(ops.items())[:8])
                     print(f"  profile batch {batch:>4} {k:<8} {total:9.0f} us in kernels: {top}")

@@ -17,11 +17,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import PRODUCT, REPO, train, write_image_set
+from conftest import PRODUCT, REPO, predictor, train, write_image_set
 
 import t2d
 from export.main import main
-from export.quantize import CALIBRATION_SEED, calibration_inputs
+from export.artifacts import write_onnx
+from export.contract import contract_of
+from export.quantize import CALIBRATION_SEED, calibration_inputs, fold_batchnorm_through_maxpool
 from models.checkpoint import load_checkpoint, save_checkpoint
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -208,6 +210,38 @@ def test_the_bound_is_the_users(runs, tmp_path):
     assert increase > 10
     assert main([*args, "--max-error-increase", str(increase * 0.99)]) == 1
     assert main([*args, "--max-error-increase", str(increase * 1.01)]) == 0
+
+
+# --- BatchNorm after pooling is folded into the convolution for int8, exactly ---------------------------------
+
+
+@pytest.mark.parametrize("negative_channel", [False, True])
+def test_batchnorm_folds_through_maxpool_only_where_exact(tmp_path, negative_channel):
+    """pool_first CNN blocks (conv, pool, BatchNorm, ReLU) become conv', ReLU, pool with the same outputs; a
+    channel whose BatchNorm scale is negative does not commute with max, so its block is left alone."""
+    torch.manual_seed(0)
+    model = predictor("fashion-mnist", "cnn", {"channels": [4, 8, 8], "pool_first": True, "hidden": 16}).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.5, 0.5)
+    first_bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    if negative_channel:
+        first_bn.weight.data[1] = -0.7
+    task = t2d.builtin_tasks()["fashion-mnist"]
+    write_onnx(model, contract_of(task, model), tmp_path / "model.onnx", {})
+    original = onnx.load(str(tmp_path / "model.onnx"))
+    folded = onnx.load(str(tmp_path / "model.onnx"))
+    assert fold_batchnorm_through_maxpool(folded) == (2 if negative_channel else 3)
+    onnx.checker.check_model(folded, full_check=True)
+    ops = [n.op_type for n in folded.graph.node]
+    assert ops.count("BatchNormalization") == (1 if negative_channel else 0)
+    assert ops.count("MaxPool") == 3 and ops.count("Conv") == 3
+    x = np.random.default_rng(0).random((16, 1, 28, 28), dtype=np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {"image": x})[0]
+    want, got = run(original), run(folded)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
 # --- calibration reads the training split only -------------------------------------------------------------------
