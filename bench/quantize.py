@@ -27,13 +27,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from export.main import main as export_main  # noqa: E402
-from export.quantize import _Calibration, calibration_inputs, measure, predict, session, test_data  # noqa: E402
+from export.quantize import _Calibration, calibration_inputs, fold_batchnorm_through_maxpool, measure, predict, \
+    session, test_data  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 
 
@@ -73,16 +75,21 @@ def profile(path: Path, x: np.ndarray, threads: int, calls: int) -> dict[str, fl
         for _ in range(calls + 1):
             s.run(None, feed)
         events = json.loads(Path(s.end_profiling()).read_text())
-    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
-    warm_end = runs[0][1]  # the first call packs weights and allocates: not what a serving call costs
-    by_op = defaultdict(float)
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[1:]
+    # The first call packs weights and allocates: not what a serving call costs. Per op type, the median over
+    # the other calls: one call preempted by another process on a shared machine would swamp a mean.
+    per_run = [defaultdict(float) for _ in runs]
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > warm_end:
-            by_op[e["args"]["op_name"]] += e["dur"]
-    return {k: v / calls for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])}
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            for i, (start, end) in enumerate(runs):
+                if start <= e["ts"] <= end:
+                    per_run[i][e["args"]["op_name"]] += e["dur"]
+    ops = {op for r in per_run for op in r}
+    by_op = {op: statistics.median(r.get(op, 0.0) for r in per_run) for op in ops}
+    return dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
 
 
-def explore(checkpoint: Path, float_file: Path, tmp: Path) -> None:
+def explore(checkpoint: Path, float_file: Path, tmp: Path, threads: int) -> None:
     """int8 options side by side on the same float32 file, calibration sample and test split."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, \
         quantize_dynamic, quantize_static
@@ -90,12 +97,19 @@ def explore(checkpoint: Path, float_file: Path, tmp: Path) -> None:
     task, ckpt = _task_ckpt(checkpoint)
     x, y, _ = test_data(task, ckpt, None)
     ref = predict(session(float_file), x, 1024)
-    pre = tmp / "pre.onnx"
-    quant_pre_process(str(float_file), str(pre))
+    pre, folded = tmp / "pre.onnx", tmp / "folded.onnx"
+    model = onnx.load(str(float_file))
+    fold_batchnorm_through_maxpool(model)  # as export does
+    onnx.save(model, str(folded))
+    quant_pre_process(str(folded), str(pre))
+    plain = tmp / "plain.onnx"
+    quant_pre_process(str(float_file), str(plain))
     name = task.input.name
     options = {
         "dynamic, per-tensor": dict(kind="dynamic", per_channel=False),
         "dynamic, per-channel": dict(kind="dynamic", per_channel=True),
+        "static S8S8, per-channel, 512 calib, BatchNorm not folded": dict(kind="static", per_channel=True,
+                                                                          act=QuantType.QInt8, n=512, nofold=True),
         "static S8S8, per-channel, 512 calib": dict(kind="static", per_channel=True, act=QuantType.QInt8, n=512),
         "static S8S8, per-tensor, 512 calib": dict(kind="static", per_channel=False, act=QuantType.QInt8, n=512),
         "static U8S8, per-channel, 512 calib": dict(kind="static", per_channel=True, act=QuantType.QUInt8, n=512),
@@ -111,14 +125,16 @@ def explore(checkpoint: Path, float_file: Path, tmp: Path) -> None:
             quantize_dynamic(str(pre), str(path), weight_type=QuantType.QInt8, per_channel=o["per_channel"])
         else:
             calib, _ = calibration_inputs(task, ckpt, o["n"], None)
-            quantize_static(str(pre), str(path), _Calibration(name, calib), quant_format=QuantFormat.QDQ,
-                            per_channel=o["per_channel"], activation_type=o["act"], weight_type=QuantType.QInt8,
+            quantize_static(str(plain if o.get("nofold") else pre), str(path), _Calibration(name, calib),
+                            quant_format=QuantFormat.QDQ, per_channel=o["per_channel"], activation_type=o["act"], weight_type=QuantType.QInt8,
                             calibrate_method=o.get("method", CalibrationMethod.MinMax))
-        s = session(path)
+        s = session(path, threads)
+        t = timings({"float32": session(float_file, threads), "option": s}, np.ascontiguousarray(x[:1024]), 4, 5)
+        speed = statistics.median(t["option"]) / statistics.median(t["float32"])
         for batch in ([1, 1024] if o["kind"] == "dynamic" else [1024]):
             m = measure(task.kind, y, ref, predict(s, x, batch))
-            print(f"  {label:<48} batch {batch:>4}: {describe(task.kind, m, 'quantized')}, "
-                  f"{path.stat().st_size / 1024:.0f} KiB")
+            print(f"  {label:<58} batch {batch:>4}: {describe(task.kind, m, 'quantized')}, "
+                  f"{path.stat().st_size / 1024:.0f} KiB, latency at batch 1024 x{speed:.2f} of float32")
 
 
 def describe(kind: str, m: dict, which: str) -> str:
@@ -165,7 +181,7 @@ def bench(checkpoint: Path, a, threads: int) -> None:
                     top = ", ".join(f"{op} {us:.0f}" for op, us in list(ops.items())[:8])
                     print(f"  profile batch {batch:>4} {k:<8} {total:9.0f} us in kernels: {top}")
         if a.explore:
-            explore(checkpoint, files["float32"], tmp)
+            explore(checkpoint, files["float32"], tmp, threads)
 
 
 def _task_ckpt(checkpoint: Path):
