@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     if quant:
         print(quant_line(quant))
     for tag, variant in zip(tags, ["fp32", *([opts.quantize.variant] if opts.quantize else [])]):
-        print(f"registered  {tag} ({variant}) in the BentoML model store (serve it with `bentoml serve`)")
+        which = f" ({variant})" if opts.quantize else ""  # without --quantize, the line is as it always was
+        print(f"registered  {tag}{which} in the BentoML model store (serve it with `bentoml serve`)")
     return 0
 
 
