@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from export.main import main as export_main  # noqa: E402
 from export.quantize import _Calibration, calibration_inputs, fold_batchnorm_through_maxpool, measure, predict, \
-    session, test_data  # noqa: E402
+    session, held_out_data  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def explore(checkpoint: Path, float_file: Path, tmp: Path, threads: int) -> None
         quantize_dynamic, quantize_static
 
     task, ckpt = _task_ckpt(checkpoint)
-    x, y, _ = test_data(task, ckpt, None)
+    x, y, _ = held_out_data(task, ckpt, None)
     ref = predict(session(float_file), x, 1024)
     pre, folded = tmp / "pre.onnx", tmp / "folded.onnx"
     model = onnx.load(str(float_file))
@@ -126,7 +126,8 @@ def explore(checkpoint: Path, float_file: Path, tmp: Path, threads: int) -> None
         else:
             calib, _ = calibration_inputs(task, ckpt, o["n"], None)
             quantize_static(str(plain if o.get("nofold") else pre), str(path), _Calibration(name, calib),
-                            quant_format=QuantFormat.QDQ, per_channel=o["per_channel"], activation_type=o["act"], weight_type=QuantType.QInt8,
+                            quant_format=QuantFormat.QDQ, per_channel=o["per_channel"], activation_type=o["act"],
+                            weight_type=QuantType.QInt8,
                             calibrate_method=o.get("method", CalibrationMethod.MinMax))
         s = session(path, threads)
         t = timings({"float32": session(float_file, threads), "option": s}, np.ascontiguousarray(x[:1024]), 4, 5)
@@ -163,7 +164,7 @@ def bench(checkpoint: Path, a, threads: int) -> None:
         for k, f in files.items():
             print(f"  {k:<8} {f.stat().st_size:>9,} bytes  x{f.stat().st_size / files['float32'].stat().st_size:.3f}")
         sessions = {k: session(f, threads) for k, f in files.items()}
-        x_all, _, _ = test_data(*_task_ckpt(checkpoint), None)
+        x_all, _, _ = held_out_data(*_task_ckpt(checkpoint), None)
         for batch in (1, 1024):
             x = np.ascontiguousarray(x_all[:batch])
             calls = a.calls if batch > 1 else a.calls * 20
@@ -172,7 +173,8 @@ def bench(checkpoint: Path, a, threads: int) -> None:
             for k, t in times.items():
                 t = sorted(t)
                 med = statistics.median(t)
-                print(f"  batch {batch:>4} {k:<8} median {med * 1e6:10.1f} us  p90 {t[int(0.9 * len(t))] * 1e6:10.1f} us"
+                p90 = t[int(0.9 * len(t))]
+                print(f"  batch {batch:>4} {k:<8} median {med * 1e6:10.1f} us  p90 {p90 * 1e6:10.1f} us"
                       f"  ({len(t)} calls)  x{med / base:.2f} of float32")
             if a.profile:
                 for k, f in files.items():

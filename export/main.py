@@ -31,7 +31,8 @@ from export.artifacts import FORMATS, ONNX_FILE, TORCHSCRIPT_FILE, ExportError, 
     write_onnx, write_torchscript
 from export.contract import ContractError, contract_of
 from export.parity import ParityError
-from export.quantize import METHODS, QUANT_FILE, VARIANTS, GateError, QuantizeOptions, quantize
+from export.quantize import CALIBRATION_SAMPLES, METHODS, QUANT_FILE, VARIANTS, GateError, QuantizeOptions, \
+    quantize
 from export.quantize import failure_message as quantize_failure
 from export.quantize import summary as quantize_summary
 from export.store import register
@@ -105,8 +106,9 @@ def parse_args(argv: list[str]) -> ExportOptions:
     p.add_argument("--int8-method", choices=METHODS, default="auto",
                    help="int8: static (calibrated QDQ), dynamic, or auto: static for classifiers, dynamic for "
                         "regression (default: auto)")
-    p.add_argument("--calibration-samples", type=int, default=512,
-                   help="int8 static: training samples to calibrate activation ranges on (default: 512)")
+    p.add_argument("--calibration-samples", type=int, default=CALIBRATION_SAMPLES,
+                   help="int8 static: training samples to calibrate activation ranges on "
+                        f"(default: {CALIBRATION_SAMPLES})")
     a = p.parse_args(argv)
     try:
         sizes = [int(s) for s in a.batch_sizes.split(",")]

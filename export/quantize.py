@@ -96,14 +96,22 @@ def _splits(task: t2d.Task, ckpt: dict[str, Any], data_dir: str | None, why: str
                                 f"{first_line(e)[:200]} (pass --data-dir)") from None
 
 
+def _checked(task: t2d.Task, split: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) as training checks them; a malformed split is the user's one-line error, as in training."""
+    from train.data import split_tensors
+
+    try:
+        return split_tensors(task, split, name)
+    except t2d.DataError as e:
+        raise QuantizeDataError(str(e)) from None
+
+
 def calibration_inputs(task: t2d.Task, ckpt: dict[str, Any], n: int, data_dir: str | None,
                        seed: int = CALIBRATION_SEED) -> tuple[np.ndarray, str]:
     """n raw inputs drawn (seeded, without replacement) from the task's training split, and a description.
 
     Only `Splits.train` is touched: the test split is what the gate measures on, and calibrating on
     it would make the measurement flatter the quantized model."""
-    from train.data import split_tensors
-
     train = _splits(task, ckpt, data_dir, "calibrate").train
     size = len(train[0]) if isinstance(train, (tuple, list)) and len(train) == 2 else len(train)
     pick = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n].sort().values
@@ -111,15 +119,13 @@ def calibration_inputs(task: t2d.Task, ckpt: dict[str, Any], n: int, data_dir: s
         sample = tuple(torch.as_tensor(np.asarray(v))[pick] for v in train)
     else:
         sample = torch.utils.data.Subset(train, pick.tolist())
-    x, _ = split_tensors(task, sample, "train")
+    x, _ = _checked(task, sample, "train")
     return x.numpy(), f"{len(x)} of {size} samples of the training split, seed {seed}"
 
 
-def test_data(task: t2d.Task, ckpt: dict[str, Any], data_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+def held_out_data(task: t2d.Task, ckpt: dict[str, Any], data_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
     """The task's whole test split as arrays (x, y), and a description."""
-    from train.data import split_tensors
-
-    x, y = split_tensors(task, _splits(task, ckpt, data_dir, "measure the quantized model").test, "test")
+    x, y = _checked(task, _splits(task, ckpt, data_dir, "measure the quantized model").test, "test")
     return x.numpy(), y.numpy(), f"the whole test split of task {task.name} ({len(x)} samples)"
 
 
@@ -130,13 +136,14 @@ class _Calibration:
     """onnxruntime's CalibrationDataReader protocol over a fixed array: batches, then None."""
 
     def __init__(self, name: str, x: np.ndarray, batch: int = CALIBRATION_BATCH):
-        self.batches = iter([{name: x[i:i + batch]} for i in range(0, len(x), batch)])
+        self.feeds = [{name: x[i:i + batch]} for i in range(0, len(x), batch)]
+        self.rewind()
 
     def get_next(self):
         return next(self.batches, None)
 
-    def rewind(self):  # not needed by MinMax; part of the protocol
-        raise NotImplementedError
+    def rewind(self):
+        self.batches = iter(self.feeds)
 
 
 def fold_batchnorm_through_maxpool(model: onnx.ModelProto) -> int:
@@ -382,7 +389,7 @@ def quantize(task: t2d.Task, ckpt: dict[str, Any], contract: dict[str, Any], flo
     t0 = time.perf_counter()
     path, details = write_variant(float_file, out, q.variant, contract, method, calibration)
     seconds = time.perf_counter() - t0
-    x, y, eval_source = test_data(task, ckpt, data_dir)  # after calibration, which reads only the training split
+    x, y, eval_source = held_out_data(task, ckpt, data_dir)  # after calibration, which reads only the training split
     ref_sess, q_sess = session(float_file), session(path)
     check_io(q_sess, contract, q.variant)
     # A static or fp16 graph computes each row alone; a dynamic one scales activations per batch, so a row's
