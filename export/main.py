@@ -3,12 +3,16 @@
     python -m export --format all                      # runs/product/best.pt -> runs/product/export
     python -m export --format onnx --checkpoint runs/fashion-mnist/best.pt --out exports/fmnist
     python -m export --task my_task:TASK --checkpoint runs/mine/best.pt   # a task of your own
+    python -m export --quantize int8 --checkpoint runs/fmnist_cnn/best.pt  # + model.int8.onnx behind a gate
 
 A checkpoint of a user's own task names the task's --task, but export imports a user's code only
 when the command line names it: without --task it stops and says which --task to pass.
 
-Nothing is registered unless every artifact matches the eager model on held-out inputs.
-Exit status: 0 done, 1 parity failed, 2 a user error (bad option, missing or foreign checkpoint).
+Nothing is registered unless every artifact matches the eager model on held-out inputs, and, with
+--quantize, unless the quantized model's measured accuracy cost is within the bound (export.quantize):
+then the float32 model and the quantized one are registered as two versions of the task's entry.
+Exit status: 0 done, 1 parity or the quantization gate failed, 2 a user error (bad option, missing or
+foreign checkpoint, data needed to quantize missing).
 """
 
 import argparse
@@ -27,6 +31,10 @@ from export.artifacts import FORMATS, ONNX_FILE, TORCHSCRIPT_FILE, ExportError, 
     write_onnx, write_torchscript
 from export.contract import ContractError, contract_of
 from export.parity import ParityError
+from export.quantize import CALIBRATION_SAMPLES, METHODS, QUANT_FILE, VARIANTS, GateError, QuantizeOptions, \
+    quantize
+from export.quantize import failure_message as quantize_failure
+from export.quantize import summary as quantize_summary
 from export.store import register
 from models.checkpoint import CheckpointError, first_line, load_checkpoint, predictor_from_checkpoint
 from t2d.files import write_json
@@ -48,6 +56,7 @@ class ExportOptions:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 7, 1024])
     data_dir: str | None = None  # classifier test images; None: the folder the run trained on
     register: bool = True
+    quantize: QuantizeOptions | None = None  # also write and gate a quantized variant
 
 
 @dataclass
@@ -86,6 +95,20 @@ def parse_args(argv: list[str]) -> ExportOptions:
     p.add_argument("--data-dir", type=_path,
                    help="the task's data folder, for parity inputs from its test split (default: the run's data.dir)")
     p.add_argument("--no-register", action="store_true", help="write and check the artifacts only")
+    p.add_argument("--quantize", choices=VARIANTS,
+                   help="also write model.<variant>.onnx and register it only if it passes the accuracy gate on the "
+                        "task's test split (default: none)")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.5,
+                   help="quantization gate, classifiers: test accuracy points the variant may lose (default: 0.5)")
+    p.add_argument("--max-error-increase", type=float, default=10.0,
+                   help="quantization gate, regression: %% the variant's mean relative error may exceed the "
+                        "float32 model's (default: 10)")
+    p.add_argument("--int8-method", choices=METHODS, default="auto",
+                   help="int8: static (calibrated QDQ), dynamic, or auto: static for classifiers, dynamic for "
+                        "regression (default: auto)")
+    p.add_argument("--calibration-samples", type=int, default=CALIBRATION_SAMPLES,
+                   help="int8 static: training samples to calibrate activation ranges on "
+                        f"(default: {CALIBRATION_SAMPLES})")
     a = p.parse_args(argv)
     try:
         sizes = [int(s) for s in a.batch_sizes.split(",")]
@@ -104,10 +127,21 @@ def parse_args(argv: list[str]) -> ExportOptions:
             raise ValueError(f"--out {a.out} cannot be a folder: {nearest} is a file")
     if a.task == "":
         raise ValueError("--task needs a value")
+    quant = None
+    if a.quantize:
+        if a.format == "torchscript":
+            raise ValueError("--quantize works on the ONNX model: use --format onnx or all")
+        for name in ("max_accuracy_drop", "max_error_increase"):
+            if not 0 <= getattr(a, name) < float("inf"):
+                raise ValueError(f"--{name.replace('_', '-')} must be a non-negative number, got {getattr(a, name)}")
+        if a.calibration_samples < 1:
+            raise ValueError(f"--calibration-samples must be >= 1, got {a.calibration_samples}")
+        quant = QuantizeOptions(a.quantize, a.int8_method, a.calibration_samples, a.max_accuracy_drop,
+                                a.max_error_increase)
     return ExportOptions(checkpoint=a.checkpoint, task=a.task, out=a.out, formats=FORMATS if a.format == "all" else (a.format,),
                          atol=a.atol, rtol=a.rtol, batch_sizes=sizes,
                          data_dir=None if a.data_dir is None else str(a.data_dir),
-                         register=not a.no_register)
+                         register=not a.no_register, quantize=quant)
 
 
 def write_artifacts(opts: ExportOptions) -> Exported:
@@ -153,16 +187,43 @@ def task_of(ckpt: dict[str, Any], opts: ExportOptions) -> t2d.Task:
 
 def verify_and_register(exp: Exported, opts: ExportOptions) -> tuple[dict[str, Any], str | None]:
     """Check parity (writing parity.json either way); register only if it passed. Returns (report, tag)."""
+    report = verify(exp, opts)
+    return report, register_float(exp, report, opts) if opts.register else None
+
+
+def verify(exp: Exported, opts: ExportOptions) -> dict[str, Any]:
+    """The parity report (also written to parity.json); ParityError unless it passed."""
     inputs = parity.held_out_inputs(exp.task, exp.ckpt, max(opts.batch_sizes), opts.data_dir)
     report = parity.check(exp.module, exp.contract, exp.files, inputs, opts.batch_sizes, opts.atol, opts.rtol)
     report["checkpoint"] = str(opts.checkpoint)
     write_json(exp.out / PARITY_FILE, report)
     if not report["passed"]:
         raise ParityError(parity.failure_message(report))
-    if not opts.register:
-        return report, None
+    return report
+
+
+def register_float(exp: Exported, report: dict[str, Any], opts: ExportOptions) -> str:
     files = {**exp.files, "parity": exp.out / PARITY_FILE}
-    return report, register(exp.task.name, files, exp.contract, store_metadata(exp, report, opts))
+    return register(exp.task.name, files, exp.contract, store_metadata(exp, report, opts))
+
+
+def quantize_and_register(exp: Exported, opts: ExportOptions) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Parity, then the quantized variant and its gate (quantization.json either way), then, only if both
+    held, the float32 model and the variant as two entries. Returns (parity report, quantization report, tags)."""
+    report = verify(exp, opts)
+    q = opts.quantize
+    quant = quantize(exp.task, exp.ckpt, exp.contract, exp.files["onnx"], exp.out, q, opts.data_dir)
+    if not quant["passed"]:
+        raise GateError(quantize_failure(q.variant, quant))
+    if not opts.register:
+        return report, quant, []
+    tags = [register_float(exp, report, opts)]
+    contract = {**exp.contract, "variant": q.variant}
+    meta = {**store_metadata(exp, report, opts), "contract": contract, "variant": q.variant,
+            "quantization": quantize_summary(quant), "float_model": tags[0], "formats": ["onnx"]}
+    files = {"onnx": Path(quant["file"]), "parity": exp.out / PARITY_FILE, "quantization": exp.out / QUANT_FILE}
+    tags.append(register(exp.task.name, files, contract, meta))
+    return report, quant, tags
 
 
 def store_metadata(exp: Exported, report: dict[str, Any], opts: ExportOptions) -> dict[str, Any]:
@@ -219,9 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
         exp = write_artifacts(opts)
-        report, tag = verify_and_register(exp, opts)
+        if opts.quantize:
+            report, quant, tags = quantize_and_register(exp, opts)
+        else:
+            (report, tag), quant = verify_and_register(exp, opts), None
+            tags = [tag] if tag else []
     except ParityError as e:
         print(f"error: {e}; nothing registered (details in parity.json)", file=sys.stderr)
+        return 1
+    except GateError as e:
+        print(f"error: {e}; nothing registered (details in {QUANT_FILE})", file=sys.stderr)
         return 1
     except (ValueError, CheckpointError, ContractError, ExportError, OSError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
@@ -232,6 +300,23 @@ def main(argv: list[str] | None = None) -> int:
     for line in summary_lines(exp, report):
         print(line)
     print(f"parity      {exp.out / PARITY_FILE}  ({report['inputs']})")
-    if tag:
-        print(f"registered  {tag} in the BentoML model store (serve it with `bentoml serve`)")
+    if quant:
+        print(quant_line(quant))
+    for tag, variant in zip(tags, ["fp32", *([opts.quantize.variant] if opts.quantize else [])]):
+        which = f" ({variant})" if opts.quantize else ""  # without --quantize, the line is as it always was
+        print(f"registered  {tag}{which} in the BentoML model store (serve it with `bentoml serve`)")
     return 0
+
+
+def quant_line(quant: dict[str, Any]) -> str:
+    g, size = quant["gate"], quant["size_bytes"]
+    if "accuracy_drop" in g:
+        cost = (f"test accuracy {g['quantized_accuracy']:.2f}% vs {g['float_accuracy']:.2f}% float32 "
+                f"({0.0 - g['accuracy_drop']:+.2f} points, bound -{g['max_accuracy_drop']:g}), "
+                f"argmax agrees on {g['agreement']:.2%}")
+    else:
+        cost = (f"test MRE {g['quantized_mre']:.4g}% vs {g['float_mre']:.4g}% float32 "
+                f"({g['error_increase']:+.1f}%, bound +{g['max_error_increase']:g}%), "
+                f"{g['agreement']:.2%} of rows within 1%")
+    return (f"{quant['variant']:<12}{quant['file']}  {size[quant['variant']] / 1024:.0f} KiB "
+            f"({size['ratio']:.2f}x float32), {quant['method']}: {cost}")

@@ -4,6 +4,10 @@ The entry is named after the task (`product`, `fashion-mnist`, `mnist`); BentoML
 version, so `<task>:latest` is always the newest export. Its folder holds the artifacts plus
 `contract.json`; its metadata holds the contract, normalization statistics, training metrics,
 the parity summary, the source checkpoint's SHA-256 and the package versions.
+
+A quantized variant (`python -m export --quantize int8`) is its own version of the same entry, with
+label and metadata `variant: int8` (float exports: `fp32`), `"variant": "int8"` in contract.json, and
+its graph under the same name, model.onnx, so whatever loads the float model loads it unchanged.
 """
 
 import json
@@ -13,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 CONTRACT_FILE = "contract.json"
+ONNX_FILE = "model.onnx"  # the ONNX graph's name in every entry, whatever the variant's file was called
 
 
 def register(task: str, files: dict[str, Path], contract: dict[str, Any], metadata: dict[str, Any]) -> str:
@@ -21,10 +26,12 @@ def register(task: str, files: dict[str, Path], contract: dict[str, Any], metada
     import bentoml  # slow to import; only needed once parity has passed
 
     metadata = _without_none(metadata)  # BentoML's metadata refuses None; contract.json keeps the nulls
-    labels = {"task": task, "kind": contract["kind"], "formats": ",".join(sorted(files))}
+    variant = contract.get("variant", "fp32")
+    labels = {"task": task, "kind": contract["kind"], "formats": ",".join(sorted(files)), "variant": variant}
+    metadata.setdefault("variant", variant)
     with bentoml.models.create(name=task, labels=labels, metadata=metadata) as model:
-        for path in files.values():
-            shutil.copy2(path, model.path_of(path.name))
+        for key, path in files.items():
+            shutil.copy2(path, model.path_of(ONNX_FILE if key == "onnx" else path.name))
         Path(model.path_of(CONTRACT_FILE)).write_text(json.dumps(contract, indent=2) + "\n")
     return str(model.tag)
 
