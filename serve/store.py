@@ -61,6 +61,7 @@ logger = logging.getLogger("bentoml.train_to_deploy")
 ONNX_FILE = "model.onnx"
 CONTRACT_FILE = "contract.json"
 PINS_ENV = "T2D_MODELS"
+VARIANTS = ("fp32", "int8", "fp16")  # what `python -m export` registers (label "variant"; none: fp32)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,11 @@ class OnnxModel:
         return self.tag.split(":")[1]
 
     @property
+    def variant(self) -> str:
+        """fp32, or the quantized variant (int8, fp16) that `python -m export --quantize` registered."""
+        return str(self.contract.get("variant") or "fp32")
+
+    @property
     def inputs(self) -> tuple[TensorSpec, ...]:
         return self.signature.inputs
 
@@ -165,26 +171,31 @@ class Registry:
 # --- choosing a version of each name -------------------------------------------------------------
 
 def read_pins() -> tuple[dict[str, tuple[str, str]], set[str], list[str]]:
-    """The pins in the environment: name -> (the setting that pins it, tag); the names left out; and
-    one line per setting that cannot be used (a malformed item, two pins of one name that disagree)."""
+    """The pins in the environment: name -> (the setting that pins it, tag, or name@variant for the newest
+    entry of that variant); the names left out; and one line per setting that cannot be used (a malformed
+    item, two pins of one name that disagree)."""
     pins: dict[str, tuple[str, str]] = {}
     excluded: set[str] = set()
     problems: list[str] = []
 
     def pin(setting: str, tag: str) -> None:
-        name = tag.split(":")[0]
+        name = tag.split(":")[0].split("@")[0]
         if name in pins and pins[name][1] != tag:
             problems.append(f"{pins[name][0]}={pins[name][1]} and {setting}={tag} pin {name!r} to different versions")
         pins.setdefault(name, (setting, tag))
 
     for item in filter(None, (i.strip() for i in os.environ.get(PINS_ENV, "").split(","))):
         name, colon, version = item.partition(":")
-        if item.startswith("-") and not colon and len(item) > 1:
+        base, at, variant = item.partition("@")
+        if item.startswith("-") and not colon and not at and len(item) > 1:
             excluded.add(item[1:])
-        elif name and colon and version and ":" not in version:
+        elif name and colon and version and ":" not in version and not at:
+            pin(PINS_ENV, item)
+        elif base and at and variant in VARIANTS and not colon:
             pin(PINS_ENV, item)
         else:
-            problems.append(f"{PINS_ENV} item {item!r} is neither name:version nor -name")
+            problems.append(f"{PINS_ENV} item {item!r} is none of name:version, name@variant "
+                            f"({'|'.join(VARIANTS)}) or -name")
     for slot in SLOTS.values():
         tag = os.environ.get(slot.env, "").strip()
         if tag and tag.split(":")[0] in slot.names:  # a pin of another name is the slot's error, not a pin
@@ -228,7 +239,15 @@ def choose(packed: list[str] | None = None) -> tuple[dict[str, Served], list[str
                 f"model {name} cannot be listed in the model store (the server log says why)", detail=_first_line(e)))
             continue
         try:
-            if name in pins:
+            if name in pins and "@" in pins[name][1]:
+                setting, item = pins[name]
+                variant = item.split("@")[1]
+                matching = [m for m in entries if (m.info.labels.get("variant") or "fp32") == variant]
+                if not matching:
+                    raise ModelError(f"{setting}={item}: no {variant} entry of model {name} is in the model store; "
+                                     f"export one (python -m export --quantize {variant}) or unset the pin")
+                entry = max(matching, key=lambda m: m.info.creation_time)
+            elif name in pins:
                 setting, tag = pins[name]
                 entry = _get(tag, f"{setting}={tag}",
                              f"unset it to serve the newest {name} model, or register that tag")

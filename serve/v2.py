@@ -96,7 +96,8 @@ async def model_metadata(request: Request) -> Response:
     model = _model(request)
     return _json(200, {"name": model.name, "versions": [model.version], "platform": PLATFORM,
                        "inputs": [s.metadata() for s in model.inputs],
-                       "outputs": [s.metadata() for s in model.outputs]})
+                       "outputs": [s.metadata() for s in model.outputs],
+                       "parameters": {"variant": model.variant}})
 
 
 async def model_ready(request: Request) -> Response:
@@ -118,7 +119,7 @@ async def infer(request: Request) -> Response:
         outs = await run_in_threadpool(model.run_named, feeds, names)
     else:
         outs = model.run_named(feeds, names)
-    answer = {"model_name": model.name, "model_version": model.version}
+    answer = {"model_name": model.name, "model_version": model.version, "parameters": {"variant": model.variant}}
     if "id" in body:
         answer["id"] = body["id"]
     answer["outputs"] = [_output(spec, out) for spec, out in zip(wanted, outs)]

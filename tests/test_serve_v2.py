@@ -138,7 +138,8 @@ def test_model_metadata_comes_from_the_contract(server, store):
         tag = store.tags[key]
         want = {"name": name, "versions": [version(tag)], "platform": "onnxruntime_onnx",
                 "inputs": [{"name": inp, "datatype": "FP32", "shape": in_shape}],
-                "outputs": [{"name": out, "datatype": "FP32", "shape": out_shape}]}
+                "outputs": [{"name": out, "datatype": "FP32", "shape": out_shape}],
+                "parameters": {"variant": "fp32"}}
         assert server.expect(server.get(f"/v2/models/{name}"), 200) == want
         assert server.expect(server.get(f"/v2/models/{name}/versions/{version(tag)}"), 200) == want
         for path in (f"/v2/models/{name}/ready", f"/v2/models/{name}/versions/{version(tag)}/ready"):
