@@ -39,13 +39,8 @@ def held_out_inputs(task, ckpt: dict[str, Any], n: int, data_dir: str | None) ->
     if task.parity_inputs is not None:
         return Inputs(task.parity_inputs(n, g).float(), f"{n} inputs from task {task.name}'s parity_inputs, "
                                                        f"seed {INPUT_SEED}")
-    config = ckpt.get("config") or {}
-    data, run = config.get("data") or {}, config.get("run") or {}
-    fields = {k: data[k] for k in ("dir", "size", "val_size", "test_size", "test_seed") if k in data}
-    if data_dir is not None:
-        fields["dir"] = data_dir
     try:
-        opts = t2d.DataOptions(**fields, seed=run.get("seed", 0), download=False)
+        opts = t2d.DataOptions.from_config(ckpt.get("config") or {}, dir=data_dir, download=False)
         x = task.data(opts).test
         x = x[0] if isinstance(x, (tuple, list)) else torch.stack([torch.as_tensor(x[i][0]) for i in range(min(n, len(x)))])
         x = torch.as_tensor(x).float()

@@ -37,6 +37,7 @@ import t2d
 from export.artifacts import ExportError
 from models.checkpoint import first_line
 from t2d.files import atomic_write, write_json
+from t2d.splits import split_tensors
 
 VARIANTS = ("int8", "fp16")
 METHODS = ("auto", "static", "dynamic")
@@ -78,19 +79,9 @@ def int8_method(task: t2d.Task, method: str) -> str:
 # --- data: calibration from the training split, measurement on the test split -------------------------------
 
 
-def data_options(ckpt: dict[str, Any], data_dir: str | None) -> t2d.DataOptions:
-    """The data the run trained on (its config's data fields and seed), never downloading."""
-    config = ckpt.get("config") or {}
-    data, run = config.get("data") or {}, config.get("run") or {}
-    fields = {k: data[k] for k in ("dir", "size", "val_size", "test_size", "test_seed") if k in data}
-    if data_dir is not None:
-        fields["dir"] = data_dir
-    return t2d.DataOptions(**fields, seed=run.get("seed", 0), download=False)
-
-
 def _splits(task: t2d.Task, ckpt: dict[str, Any], data_dir: str | None, why: str) -> t2d.Splits:
     try:
-        return task.data(data_options(ckpt, data_dir))
+        return task.data(t2d.DataOptions.from_config(ckpt.get("config") or {}, dir=data_dir, download=False))
     except Exception as e:  # no files here, a broken loader: the user can fix it, there is nothing to measure
         raise QuantizeDataError(f"--quantize needs task {task.name}'s data to {why}, and loading it failed: "
                                 f"{first_line(e)[:200]} (pass --data-dir)") from None
@@ -98,8 +89,6 @@ def _splits(task: t2d.Task, ckpt: dict[str, Any], data_dir: str | None, why: str
 
 def _checked(task: t2d.Task, split: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) as training checks them; a malformed split is the user's one-line error, as in training."""
-    from train.data import split_tensors
-
     try:
         return split_tensors(task, split, name)
     except t2d.DataError as e:

@@ -122,6 +122,15 @@ class DataOptions:
     test_seed: int = 123
     download: bool = True
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **overrides: Any) -> "DataOptions":
+        """The options of a run from its saved config dict (a checkpoint's `config`): its data section and
+        seed; `overrides` win (export: `dir` from --data-dir, `download` False)."""
+        data, run = config.get("data") or {}, config.get("run") or {}
+        names = ("dir", "size", "val_size", "test_size", "test_seed", "download")
+        values = {k: data[k] for k in names if k in data} | {"seed": run.get("seed", 0)}
+        return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
 

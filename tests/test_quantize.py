@@ -7,6 +7,7 @@ cover it rounds every other unit to zero. Registration runs in a subprocess with
 (BentoML reads it once, at import), as in test_export.py.
 """
 
+import importlib
 import json
 import os
 import subprocess
@@ -288,7 +289,7 @@ def user_task(tmp_path, monkeypatch):
     (tmp_path / "recorded_task.py").write_text(USER_TASK)
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("recorded_task", None)
-    import recorded_task
+    recorded_task = importlib.import_module("recorded_task")  # written above, into tmp_path: not a dependency
 
     yield recorded_task
     sys.modules.pop("recorded_task", None)
