@@ -19,6 +19,7 @@ against the routes and the middleware, and a schema fuzzer checks it against a r
   is missing or broken; 429 more than MAX_CONCURRENCY requests in flight; 504 no answer within TIMEOUT_S;
 - /v2 (`serve.v2`): 400, 404 an unknown model or version, 405, 413/415 on .../infer, 422, 503, 429, 504;
 - /livez, /readyz, /healthz, /metrics: BentoML's own, plain text, exempt from the 429; /readyz 503.
+A 405 is listed under the route's one operation: it is the answer to any other method on that path.
 """
 
 import copy
@@ -298,7 +299,11 @@ def _infra(paths: dict) -> None:
         op = item["get"]
         content = ({"text/plain": {"schema": {"type": "string"}, "example": "# HELP ..."}} if path == "/metrics"
                    else TEXT)
-        op["responses"] = {"200": {"description": "OK", "content": content}, "504": ERRORS[504]}
+        op["responses"] = {"200": {"description": "OK", "content": content},
+                           "405": {"description": "Method Not Allowed: the route takes GET (Starlette's answer, plain "
+                                                  "text)", "content": TEXT,
+                                   "headers": {"Allow": {"schema": {"type": "string"}, "description": "HEAD, GET"}}},
+                           "504": ERRORS[504]}
         if path == "/readyz":
             op["responses"]["503"] = {"description": "Not ready: a model this server should serve failed to load "
                                                      "(the server log says why)", "content": TEXT}
