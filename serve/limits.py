@@ -6,7 +6,8 @@ header: an unknown type falls back to JSON, and `application/vnd.bentoml+pickle`
 below answers before BentoML sees the request: 413 for a body over MAX_BODY_BYTES (checked on
 Content-Length up front, then by counting the bytes that actually arrive, so a chunked or lying
 client gets the same answer), 415 for any Content-Type but the endpoint's own, 405 for a method
-but POST (and OPTIONS). It also counts the quote characters of a JSON body for `serve.validate.check_unique_keys`.
+but POST (and OPTIONS), and a JSON 404 for a path with a newline. It also counts the quote
+characters of a JSON body for `serve.validate.check_unique_keys`.
 
 Concurrency and time are limited by BentoML itself (`traffic` in `serve.service`): a request beyond
 MAX_CONCURRENCY in flight gets 429 at once, and one that has not started its answer TIMEOUT_S
@@ -68,6 +69,10 @@ class RequestGuard:
         return expected
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and "\n" in scope.get("path", ""):
+            # No route has a newline, but Starlette's Mount matches its path with `.*`, which stops at one:
+            # /v2/models/a%0Ab would get the router's text/plain 404, the one non-JSON error. Answer it here.
+            return await send_error(send, 404, "no route has a newline in its path")
         expected = self.expected_type(scope.get("path", "")) if scope["type"] == "http" else None
         if expected is None:
             return await self.app(scope, receive, send)

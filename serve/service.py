@@ -48,6 +48,7 @@ from bentoml.models import BentoModel
 from bentoml.validators import ContentType
 from starlette.responses import JSONResponse
 
+from serve import openapi
 from serve.limits import JSON, MAX_CONCURRENCY, PNG, TIMEOUT_S, RequestGuard, mend_bentoml_timeout
 from serve.store import OnnxModel, load_registry, registered_tags
 from serve.v2 import V2_POST_ROUTE, app as v2_app
@@ -67,6 +68,7 @@ def error(status: int, message: str) -> JSONResponse:
 # One worker process: a request is about 2 ms of Python HTTP and JSON work around 15-70 us of
 # onnxruntime, and this project's machines have 2 shared cores; on a bigger machine, more workers
 # scale with the cores (BentoML splits max_concurrency between them). The limits: `serve.limits`.
+@bentoml.asgi_app(openapi.app, path="/")  # /docs.json: BentoML's document, corrected (see serve.openapi)
 @bentoml.asgi_app(v2_app, path="/")  # its routes start with /v2 (see serve.v2.make_app)
 @bentoml.service(workers=1, traffic={"timeout": TIMEOUT_S, "max_concurrency": MAX_CONCURRENCY})
 class TrainToDeploy:

@@ -56,7 +56,8 @@ def _package_version() -> str:
         return "unknown"
 
 
-SERVER_METADATA = json.dumps({"name": SERVER_NAME, "version": _package_version(), "extensions": []}).encode()
+PACKAGE_VERSION = _package_version()
+SERVER_METADATA = json.dumps({"name": SERVER_NAME, "version": PACKAGE_VERSION, "extensions": []}).encode()
 
 
 class V2Error(Exception):
@@ -329,7 +330,9 @@ async def _error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, V2Error):
         return _json(exc.status, {"error": str(exc)})
     assert isinstance(exc, HTTPException)
-    return _json(exc.status_code, {"error": f"{request.method} {request.url.path}: {exc.detail}"})
+    response = _json(exc.status_code, {"error": f"{request.method} {request.url.path}: {exc.detail}"})
+    response.headers.update(exc.headers or {})  # a 405's Allow: the methods the route takes
+    return response
 
 
 async def not_found(request: Request) -> Response:
