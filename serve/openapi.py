@@ -169,6 +169,10 @@ def _walk(node) -> None:
 # --- the Open Inference Protocol (serve.v2) ------------------------------------------------------------
 
 V2_SCHEMAS = {
+    "V2ModelParameters": {
+        "type": "object", "required": ["variant"], "additionalProperties": False,
+        "properties": {"variant": {"type": "string", "enum": ["fp32", "int8", "fp16"],
+                                   "description": "fp32, or the quantized variant `python -m export --quantize` made"}}},
     "V2Parameters": {
         "type": "object", "description": "strings, numbers or booleans; the binary tensor extension is not offered",
         "properties": {k: {"type": "boolean", "enum": [False]} for k in ("binary_data", "binary_data_output",
@@ -205,8 +209,10 @@ V2_SCHEMAS = {
                                 "shape": {"type": "array", "items": {"type": "integer"}},
                                 "data": {"type": "array", "items": {"type": "number"}, "description": "flat"}}},
     "V2InferenceResponse": {
-        "type": "object", "required": ["model_name", "model_version", "outputs"], "additionalProperties": False,
+        "type": "object", "required": ["model_name", "model_version", "parameters", "outputs"],
+        "additionalProperties": False,
         "properties": {"model_name": {"type": "string"}, "model_version": {"type": "string"},
+                       "parameters": {"$ref": REF + "V2ModelParameters"},
                        "id": {"type": "string", "description": "the request's id, when it had one"},
                        "outputs": {"type": "array", "items": {"$ref": REF + "V2Tensor"}}}},
     "V2TensorMetadata": {"type": "object", "required": ["name", "datatype", "shape"], "additionalProperties": False,
@@ -214,9 +220,10 @@ V2_SCHEMAS = {
                                         "shape": {"type": "array", "items": {"type": "integer"},
                                                   "description": "-1 for the batch axis"}}},
     "V2ModelMetadata": {
-        "type": "object", "required": ["name", "versions", "platform", "inputs", "outputs"],
+        "type": "object", "required": ["name", "versions", "platform", "inputs", "outputs", "parameters"],
         "additionalProperties": False,
         "properties": {"name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
+                       "parameters": {"$ref": REF + "V2ModelParameters"},
                        "platform": {"type": "string", "enum": [PLATFORM]},
                        "inputs": {"type": "array", "items": {"$ref": REF + "V2TensorMetadata"}},
                        "outputs": {"type": "array", "items": {"$ref": REF + "V2TensorMetadata"}}}},
