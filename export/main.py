@@ -127,15 +127,16 @@ def parse_args(argv: list[str]) -> ExportOptions:
             raise ValueError(f"--out {a.out} cannot be a folder: {nearest} is a file")
     if a.task == "":
         raise ValueError("--task needs a value")
+    # Checked with or without --quantize: a bound that is nonsense is a mistake either way.
+    for name in ("max_accuracy_drop", "max_error_increase"):
+        if not 0 <= getattr(a, name) < float("inf"):
+            raise ValueError(f"--{name.replace('_', '-')} must be a non-negative number, got {getattr(a, name)}")
+    if a.calibration_samples < 1:
+        raise ValueError(f"--calibration-samples must be >= 1, got {a.calibration_samples}")
     quant = None
     if a.quantize:
         if a.format == "torchscript":
             raise ValueError("--quantize works on the ONNX model: use --format onnx or all")
-        for name in ("max_accuracy_drop", "max_error_increase"):
-            if not 0 <= getattr(a, name) < float("inf"):
-                raise ValueError(f"--{name.replace('_', '-')} must be a non-negative number, got {getattr(a, name)}")
-        if a.calibration_samples < 1:
-            raise ValueError(f"--calibration-samples must be >= 1, got {a.calibration_samples}")
         quant = QuantizeOptions(a.quantize, a.int8_method, a.calibration_samples, a.max_accuracy_drop,
                                 a.max_error_increase)
     return ExportOptions(checkpoint=a.checkpoint, task=a.task, out=a.out, formats=FORMATS if a.format == "all" else (a.format,),

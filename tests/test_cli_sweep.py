@@ -260,7 +260,16 @@ EXPORT_CASES = {  # flag -> [(arguments, what the error line must contain)]
                (["--task", "mnist"], "--task mnist"), (["--task", "no_such_module_here:TASK"], "--task"),
                (["--task", "t2d:Task"], "not a t2d.Task")],
     **{flag: [([flag], flag), ([flag, ""], flag), ([flag, "tight"], flag), ([flag, "-1"], flag),
-              ([flag, "nan"], flag), ([flag, "inf"], flag), ([flag, "1e400"], flag)] for flag in ("--atol", "--rtol")},
+              ([flag, "nan"], flag), ([flag, "inf"], flag), ([flag, "1e400"], flag)]
+       for flag in ("--atol", "--rtol", "--max-accuracy-drop", "--max-error-increase")},
+    "--quantize": [(["--quantize"], "--quantize"), (["--quantize", ""], "--quantize"),
+                   (["--quantize", "int4"], "--quantize"), (["--quantize", "int8", "--format", "torchscript"],
+                                                            "--quantize works on the ONNX model")],
+    "--calibration-samples": [(["--calibration-samples"], "--calibration-samples"),
+                              (["--calibration-samples", ""], "--calibration-samples"),
+                              (["--calibration-samples", "many"], "--calibration-samples"),
+                              (["--calibration-samples", "0"], "--calibration-samples")],
+    "--int8-method": [(["--int8-method"], "--int8-method"), (["--int8-method", "fast"], "--int8-method")],
 }
 
 
@@ -287,7 +296,7 @@ def test_every_option_is_swept(capsys):
     for main in (train.main.main, export.main.main):
         with pytest.raises(SystemExit):
             main(["--help"])
-        flags = set(re.findall(r"(?<![\w.-])(--[a-z][a-z-]*)(?![\w.-])", capsys.readouterr().out)) - {"--help"}
+        flags = set(re.findall(r"(?<![\w.-])(--[a-z][a-z0-9-]*)(?![\w.-])", capsys.readouterr().out)) - {"--help"}
         known = {*SHORTCUTS, "--config", "--resume"} if main is train.main.main else set(EXPORT_CASES)
         assert flags == known, f"--help shows {sorted(flags - known)}, the sweep knows {sorted(known - flags)}"
     # Every field of every section and architecture, counted another way: the keys of the resolved
