@@ -54,6 +54,7 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import uses_external_data
 
 from serve.contract import Signature, TensorSpec, check_graph, signature_of, trial_inputs
+from t2d.files import first_line  # torch-free: the one one-line-error helper of train, export and serve
 
 # Under "bentoml": the server configures that logger at INFO with its handler; the root logger shows warnings only.
 logger = logging.getLogger("bentoml.train_to_deploy")
@@ -236,7 +237,7 @@ def choose(packed: list[str] | None = None) -> tuple[dict[str, Served], list[str
             versions = frozenset(m.tag.version for m in entries)
         except Exception as e:  # e.g. a version folder with a broken model.yaml
             chosen[name] = Served(name, None, None, ModelError(
-                f"model {name} cannot be listed in the model store (the server log says why)", detail=_first_line(e)))
+                f"model {name} cannot be listed in the model store (the server log says why)", detail=first_line(e, 300)))
             continue
         try:
             if name in pins and "@" in pins[name][1]:
@@ -263,7 +264,7 @@ def choose(packed: list[str] | None = None) -> tuple[dict[str, Served], list[str
             chosen[name] = Served(name, None, None, e, versions)
         except Exception as e:
             chosen[name] = Served(name, None, None, ModelError(
-                f"model {name} cannot be read from the model store (the server log says why)", detail=_first_line(e)),
+                f"model {name} cannot be read from the model store (the server log says why)", detail=first_line(e, 300)),
                 versions)
     return chosen, problems
 
@@ -275,7 +276,7 @@ def _get(tag: str, what: str, fix: str) -> bentoml.Model:
         raise ModelError(f"{what} is not in the model store; {fix}") from None
     except Exception as e:  # a malformed tag, or an unreadable entry
         raise ModelError(f"{what} cannot be read from the model store (the server log says why)",
-                         detail=_first_line(e)) from None
+                         detail=first_line(e, 300)) from None
 
 
 # --- opening one entry ---------------------------------------------------------------------------
@@ -305,7 +306,7 @@ def open_model(tag: str) -> OnnxModel:
     except Exception as e:  # anything wrong with the files is the same problem for the client: re-export
         raise ModelError(f"model {tag} in the model store cannot be served (its files are broken or do not match "
                          f"the contract; the server log says why); export it again: {how_to(tag.split(':')[0])}",
-                         detail=_first_line(e)) from None
+                         detail=first_line(e, 300)) from None
     return model
 
 
@@ -493,6 +494,3 @@ def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 
 
-def _first_line(e: Exception) -> str:
-    text = f"missing key {e}" if isinstance(e, KeyError) else str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__

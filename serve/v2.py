@@ -34,6 +34,7 @@ from starlette.routing import Route
 from serve.contract import FLOAT32_MAX, TensorSpec
 from serve.limits import MAX_ROWS
 from serve.store import PINS_ENV, OnnxModel, Registry
+from t2d.files import first_line
 
 SERVER_NAME = "train-to-deploy"
 PLATFORM = "onnxruntime_onnx"
@@ -196,7 +197,7 @@ def parse_body(raw: bytes) -> dict:
     except RecursionError:
         raise V2Error(400, "the body's JSON is nested too deeply") from None
     except ValueError as e:  # an integer of more than 4300 digits (Python's int-from-string limit)
-        raise V2Error(400, f"the body holds a number json cannot read: {_first_line(e)}") from None
+        raise V2Error(400, f"the body holds a number json cannot read: {first_line(e, 200)}") from None
     if type(body) is not dict:
         raise V2Error(400, 'the body must be a JSON object: {"inputs": [{"name", "shape", "datatype", "data"}]}')
     unknown = body.keys() - REQUEST_KEYS
@@ -314,8 +315,6 @@ def check_parameters(parameters, where: str) -> None:
             raise V2Error(400, f"{where}.{key}: binary tensor data is not supported; send JSON data")
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _show(value) -> str:

@@ -1,21 +1,35 @@
 """train-to-deploy's public task API. See `t2d.task` and examples/.
 
     from t2d import DataOptions, Input, Model, Output, Splits, Task
+
+The names are imported on first use (PEP 562), so that `t2d.files`, which the server uses, loads
+without torch: the server imports neither torch nor a task.
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
 from t2d.errors import DataError, TaskError
-from t2d.task import DataOptions, Input, Model, Output, Splits, Task
+
+if TYPE_CHECKING:
+    from t2d.task import Task
+
+_TASK_API = ("DataOptions", "Input", "Model", "Output", "Splits", "Task")
 
 
-def builtin_tasks() -> dict[str, Task]:
+def __getattr__(name: str):
+    if name in _TASK_API:
+        return getattr(importlib.import_module("t2d.task"), name)
+    raise AttributeError(f"module 't2d' has no attribute {name!r}")
+
+
+def builtin_tasks() -> dict[str, "Task"]:
     from t2d.builtin import BUILTIN  # the built-in tasks import the networks: only when asked
 
     return BUILTIN
 
 
-def resolve(ref: str) -> Task:
+def resolve(ref: str) -> "Task":
     """The Task that `ref` names: a built-in task's name, or `module:attribute` of a user's own.
 
     The module is imported from sys.path (python -m puts the current folder first). Only a
@@ -37,6 +51,8 @@ def resolve(ref: str) -> Task:
     except Exception as e:  # the user's module raised while importing: say where, in one line
         raise TaskError(f"--task {ref}: importing {module_name} failed: {type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    from t2d.task import Task
+
     task = getattr(module, attr, None)
     if task is None:
         raise TaskError(f"--task {ref}: module {module_name} has no attribute {attr!r}")
@@ -47,7 +63,7 @@ def resolve(ref: str) -> Task:
     return task
 
 
-def is_builtin(task: Task) -> bool:
+def is_builtin(task: "Task") -> bool:
     return builtin_tasks().get(task.name) is task
 
 
