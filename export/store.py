@@ -2,8 +2,10 @@
 
 The entry is named after the task (`product`, `fashion-mnist`, `mnist`); BentoML gives it a
 version, so `<task>:latest` is always the newest export. Its folder holds the artifacts plus
-`contract.json`; its metadata holds the contract, normalization statistics, training metrics,
-the parity summary, the source checkpoint's SHA-256 and the package versions.
+`contract.json` and the run's training plots (loss.png; confusion.png or predicted_vs_true.png) when
+it drew them; its metadata holds the contract, normalization statistics, parameter count, training
+(validation) and test metrics, train_seconds, the parity summary, the source checkpoint's SHA-256
+and the package versions.
 """
 
 import json
@@ -15,15 +17,17 @@ from typing import Any
 CONTRACT_FILE = "contract.json"
 
 
-def register(task: str, files: dict[str, Path], contract: dict[str, Any], metadata: dict[str, Any]) -> str:
-    """Copy `files` into a new model-store entry; returns its tag, e.g. 'product:abc123'."""
+def register(task: str, files: dict[str, Path], contract: dict[str, Any], metadata: dict[str, Any],
+             extra: list[Path] = ()) -> str:
+    """Copy `files` (format -> path) and `extra` (the training plots) into a new model-store entry; returns its
+    tag, e.g. 'product:abc123'."""
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")  # no usage analytics calls from an offline tool
     import bentoml  # slow to import; only needed once parity has passed
 
     metadata = _without_none(metadata)  # BentoML's metadata refuses None; contract.json keeps the nulls
     labels = {"task": task, "kind": contract["kind"], "formats": ",".join(sorted(files))}
     with bentoml.models.create(name=task, labels=labels, metadata=metadata) as model:
-        for path in files.values():
+        for path in [*files.values(), *extra]:
             shutil.copy2(path, model.path_of(path.name))
         Path(model.path_of(CONTRACT_FILE)).write_text(json.dumps(contract, indent=2) + "\n")
     return str(model.tag)

@@ -7,8 +7,9 @@
 
 Endpoints (all POST): /predict, /predict_batch (product); /classify (JSON pixels), /classify_png
 (a PNG body) (classifier). GET /livez, /readyz; the Swagger UI at / has an example body for each
-JSON endpoint. Every model in the store, under its own name, over the Open Inference Protocol: /v2
-(`serve.v2`, a Starlette app mounted here). Which models are served and how to pin them:
+JSON endpoint (its title, description and version: `describe_openapi`). The page for people, /ui
+(`serve.ui`, mounted here): each model's card and a pad to try it. Every model in the store, under its
+own name, over the Open Inference Protocol: /v2 (`serve.v2`, a Starlette app mounted here). Which models are served and how to pin them:
 `serve.store`; the models are loaded once, in __init__, into one `Registry` that the typed endpoints
 and /v2 share (__init__ hands it to the mounted app). Input checks: `serve.validate` (typed),
 `serve.v2` (v2). Size, content-type and method limits: `serve.limits`, for both.
@@ -42,15 +43,18 @@ them together to /predict_batch.
 
 from typing import Annotated
 
+import attr
 import bentoml
 import numpy as np
+from _bentoml_sdk.service import openapi as bentoml_openapi
 from bentoml.models import BentoModel
 from bentoml.validators import ContentType
 from starlette.responses import JSONResponse
 
 from serve.limits import JSON, MAX_CONCURRENCY, PNG, TIMEOUT_S, RequestGuard, mend_bentoml_timeout
 from serve.store import OnnxModel, load_registry, registered_tags
-from serve.v2 import V2_POST_ROUTE, app as v2_app
+from serve.ui import app as ui_app, cards
+from serve.v2 import SERVER_NAME, V2_POST_ROUTE, _package_version, app as v2_app
 from serve.validate import (ClassifyInput, ClassifyOutput, InputError, PredictBatchInput, PredictBatchOutput,
                             PredictInput, PredictOutput, check_unique_keys, png_pixels, quiet_validation_errors)
 
@@ -68,6 +72,7 @@ def error(status: int, message: str) -> JSONResponse:
 # onnxruntime, and this project's machines have 2 shared cores; on a bigger machine, more workers
 # scale with the cores (BentoML splits max_concurrency between them). The limits: `serve.limits`.
 @bentoml.asgi_app(v2_app, path="/")  # its routes start with /v2 (see serve.v2.make_app)
+@bentoml.asgi_app(ui_app, path="/")  # the page for people, /ui (serve.ui); also passive: only its routes
 @bentoml.service(workers=1, traffic={"timeout": TIMEOUT_S, "max_concurrency": MAX_CONCURRENCY})
 class TrainToDeploy:
     def __init__(self) -> None:
@@ -81,6 +86,7 @@ class TrainToDeploy:
         self.classifier, self.classifier_error = self.registry.slots["classifier"]
         self.ready = self.registry.ready
         v2_app.state.registry = self.registry  # the mounted app reads the same registry
+        ui_app.state.cards, ui_app.state.plots = cards(self.registry)  # read from the store once, like the models
 
     async def __is_ready__(self) -> bool:
         """/readyz: False (503) while a model that should be served is broken; see the module docstring."""
@@ -156,11 +162,45 @@ class TrainToDeploy:
                               probabilities=[float(v) for v in p], model=model.tag)
 
 
+# --- the Swagger page's heading --------------------------------------------------------------------------
+
+OPENAPI_DESCRIPTION = """\
+A PyTorch model taken from training to a verified HTTP service: each model here was exported to ONNX,
+checked against the eager model (parity) and registered with its I/O contract, and runs on onnxruntime.
+
+- **/ui**: the page for people: every served model's card (how it was trained, its metrics and parity)
+  and a pad to try it.
+- **/predict**, **/predict_batch**: X1*X2 (the `product` model); **/classify**, **/classify_png**: 28x28
+  images (`fashion-mnist` or `mnist`).
+- **/v2/models/{name}/infer**: every served model over the Open Inference Protocol (KServe v2).
+
+Errors are JSON with an `error` message that says what to send instead."""
+
+
+def describe_openapi() -> None:
+    """Give /docs.json (the Swagger page at /) this project's title, description and version instead of
+    BentoML's: its generated README ("This is a Machine Learning Service created with BentoML", with badge
+    images that need the internet), version "None" outside a Bento and "Contact BentoML Team". BentoML 1.4.39
+    builds the document in `_bentoml_sdk.service.openapi.generate_spec` with an `Info` from the service's
+    name, `doc` and Bento tag, which a service cannot set; the heading is replaced after it is built."""
+    build = bentoml_openapi.generate_spec
+
+    def generate_spec(svc, **kwargs):
+        spec = build(svc, **kwargs)
+        version = svc.bento.tag.version if svc.bento is not None else _package_version()
+        info = attr.evolve(spec.info, title=SERVER_NAME, description=OPENAPI_DESCRIPTION, version=version,
+                           contact=None)
+        return attr.evolve(spec, info=info)
+
+    bentoml_openapi.generate_spec = generate_spec
+
+
 TrainToDeploy.add_asgi_middleware(RequestGuard, routes={
     "/predict": JSON, "/predict_batch": JSON, "/classify": JSON, "/classify_png": PNG,
 }, patterns={V2_POST_ROUTE: JSON})
 mend_bentoml_timeout()  # BentoML's 504 timer, without the memory it holds after each request
 quiet_validation_errors()
+describe_openapi()
 # The models the endpoints would serve now, as references: `bentoml build` records their tags in the
 # Bento, and `bentoml export` / `bentoml containerize` copy their files in. Only models that exist are
 # named, so an empty store still serves (with 503s) instead of failing to start.
