@@ -94,7 +94,7 @@ function card(m) {
   const plots = $(node, ".plots");
   for (const src of m.plots) {
     const name = src.split("/").pop().replace(".png", "").replaceAll("_", " ");
-    plots.append(el("figure", {}, el("img", { src, alt: `${m.name}: ${name}`, loading: "lazy" }),
+    plots.append(el("figure", {}, el("img", { src, alt: `${m.name}: ${name}` }),
                     el("figcaption", { text: name })));
   }
   if (!m.plots.length) plots.append(el("p", { class: "note", text: "no training plots in the model store" }));
@@ -209,8 +209,10 @@ const TRY = {
       const file = el("input", { type: "file", accept: "image/png", "aria-label": "a PNG image" });
       file.addEventListener("change", async () => {
         if (!file.files.length) return;
+        const png = file.files[0];
+        file.value = "";  // so that choosing the same file again sends it again
         try {
-          const answer = await post(t.png, file.files[0], "image/png");
+          const answer = await post(t.png, png, "image/png");
           bars(out, answer.probabilities, m.contract.classes);
         } catch (e) { showError(out, e); }
       });
