@@ -178,8 +178,14 @@ const TRY = {
     pad.addEventListener("pointerup", end);
     pad.addEventListener("pointercancel", end);
     function stroke([x0, y0], [x1, y1]) {
-      Object.assign(ctx, { strokeStyle: "#fff", lineWidth: Number(brush.value), lineCap: "round" });
-      ctx.beginPath(); ctx.moveTo(x0, y0); ctx.lineTo(x1, y1); ctx.stroke();
+      Object.assign(ctx, { fillStyle: "#fff", strokeStyle: "#fff", lineWidth: Number(brush.value) });
+      ctx.lineCap = "round";
+      ctx.beginPath();
+      if (x0 === x1 && y0 === y1) {  // a tap: a dot (a line of no length draws nothing)
+        ctx.arc(x0, y0, ctx.lineWidth / 2, 0, 2 * Math.PI); ctx.fill();
+      } else {
+        ctx.moveTo(x0, y0); ctx.lineTo(x1, y1); ctx.stroke();
+      }
     }
     clear.addEventListener("click", () => {
       wipe();
