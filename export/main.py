@@ -178,7 +178,8 @@ def run_record(ckpt: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
         summary = json.loads((checkpoint.parent / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(summary, dict) or summary.get("task") != ckpt["task"] or summary.get("best_epoch") != ckpt["epoch"]:
+    if (not isinstance(summary, dict) or summary.get("task") != ckpt["task"]
+            or summary.get("best_epoch") != ckpt["epoch"]):
         return {}
     plots = [name for name in PLOTS if (checkpoint.parent / name).is_file()
              and not (checkpoint.parent / name).is_symlink()]
