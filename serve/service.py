@@ -11,8 +11,8 @@ JSON endpoint (its title, description and version: `describe_openapi`). The page
 (`serve.ui`, mounted here): each model's card and a pad to try it. Every model in the store, under its
 own name, over the Open Inference Protocol: /v2 (`serve.v2`, a Starlette app mounted here). Which models
 are served and how to pin them: `serve.store`; the models are loaded once, in __init__, into one
-`Registry` that the typed endpoints and /v2 share (__init__ hands it to the mounted apps). Input checks: `serve.validate` (typed),
-`serve.v2` (v2). Size, content-type and method limits: `serve.limits`, for both.
+`Registry` that the typed endpoints and /v2 share (__init__ hands it to the mounted apps). Input checks:
+`serve.validate` (typed), `serve.v2` (v2). Size, content-type and method limits: `serve.limits`, for both.
 
 BentoML builds one Starlette app whose routes include the mounted /v2 app, and wraps all of it in its
 middleware: the 429 (max_concurrency) and 504 (timeout) below apply to /v2 as to the typed endpoints
