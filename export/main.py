@@ -17,6 +17,7 @@ foreign checkpoint, data needed to quantize missing).
 
 import argparse
 import hashlib
+import json
 import sys
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -41,6 +42,8 @@ from t2d.files import write_json
 
 DEFAULT_CHECKPOINT = Path("runs/product/best.pt")  # best.pt of the default task's default run folder
 PARITY_FILE = "parity.json"
+SUMMARY_FILE = "summary.json"  # written by `python -m train` beside best.pt, with the plots
+PLOTS = ("loss.png", "confusion.png", "predicted_vs_true.png")  # the training pictures a run may draw
 MAX_BATCH = 1 << 16  # parity holds a whole batch in memory: 65,536 images are 200 MiB of float32
 PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "bentoml", "numpy")
 
@@ -205,7 +208,9 @@ def verify(exp: Exported, opts: ExportOptions) -> dict[str, Any]:
 
 def register_float(exp: Exported, report: dict[str, Any], opts: ExportOptions) -> str:
     files = {**exp.files, "parity": exp.out / PARITY_FILE}
-    return register(exp.task.name, files, exp.contract, store_metadata(exp, report, opts))
+    run = run_record(exp.ckpt, opts.checkpoint)
+    plots = [opts.checkpoint.parent / name for name in run.get("plots", [])]
+    return register(exp.task.name, files, exp.contract, store_metadata(exp, report, opts, run), plots)
 
 
 def quantize_and_register(exp: Exported, opts: ExportOptions) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
@@ -219,25 +224,48 @@ def quantize_and_register(exp: Exported, opts: ExportOptions) -> tuple[dict[str,
     if not opts.register:
         return report, quant, []
     tags = [register_float(exp, report, opts)]
+    run = run_record(exp.ckpt, opts.checkpoint)
+    plots = [opts.checkpoint.parent / name for name in run.get("plots", [])]
     contract = {**exp.contract, "variant": q.variant}
-    meta = {**store_metadata(exp, report, opts), "contract": contract, "variant": q.variant,
+    meta = {**store_metadata(exp, report, opts, run), "contract": contract, "variant": q.variant,
             "quantization": quantize_summary(quant), "float_model": tags[0], "formats": ["onnx"]}
     files = {"onnx": Path(quant["file"]), "parity": exp.out / PARITY_FILE, "quantization": exp.out / QUANT_FILE}
-    tags.append(register(exp.task.name, files, contract, meta))
+    tags.append(register(exp.task.name, files, contract, meta, plots))
     return report, quant, tags
 
 
-def store_metadata(exp: Exported, report: dict[str, Any], opts: ExportOptions) -> dict[str, Any]:
-    ckpt = exp.ckpt
+def run_record(ckpt: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
+    """What the training run wrote beside `checkpoint` about it, for the model card (`serve.ui`): its
+    train_seconds and test metrics (summary.json) and which plots exist. Only when that summary is this
+    checkpoint's run (same task and best epoch): a best.pt copied elsewhere or a later run's summary gets none."""
+    try:
+        summary = json.loads((checkpoint.parent / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if (not isinstance(summary, dict) or summary.get("task") != ckpt["task"]
+            or summary.get("best_epoch") != ckpt["epoch"]):
+        return {}
+    plots = [name for name in PLOTS if (checkpoint.parent / name).is_file()
+             and not (checkpoint.parent / name).is_symlink()]
+    return {"train_seconds": summary.get("train_seconds"), "test_metrics": summary.get("test"), "plots": plots}
+
+
+def store_metadata(exp: Exported, report: dict[str, Any], opts: ExportOptions,
+                   run: dict[str, Any] | None = None) -> dict[str, Any]:
+    ckpt, run = exp.ckpt, run or {}
     return {
         "task": exp.task.name,
         "task_ref": ckpt.get("task_ref"),
         "arch": ckpt["arch"],
+        "parameters": sum(p.numel() for p in exp.module.parameters()),
         "contract": exp.contract,
         "normalization": exp.contract["normalization"],
         "classes": exp.contract["classes"],
         "training_metrics": ckpt.get("metrics") or {},
         "epoch": ckpt["epoch"],
+        "train_seconds": run.get("train_seconds"),  # None (left out) without the run's summary.json
+        "test_metrics": run.get("test_metrics"),
+        "plots": run.get("plots", []),  # file names in the entry, beside model.onnx
         "parity": {"passed": report["passed"], "atol": report["atol"], "rtol": report["rtol"],
                    "batch_sizes": report["batch_sizes"], "inputs": report["inputs"],
                    "worst": {f: {"max_abs_err": c["max_abs_err"], "max_rel_err": c["max_rel_err"], "batch": c["batch"]}

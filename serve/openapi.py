@@ -34,7 +34,11 @@ from serve.contract import DTYPES, FLOAT32_MAX
 from serve.limits import MAX_BODY_BYTES, MAX_CONCURRENCY, MAX_ROWS, TIMEOUT_S
 from serve.v2 import PACKAGE_VERSION, PLATFORM, SERVER_NAME
 
-DESCRIPTION = f"""Take a PyTorch model from training to a verified HTTP service.
+DESCRIPTION = f"""Take a PyTorch model from training to a verified HTTP service. Each model here was exported
+to ONNX, checked against the eager model (parity) and registered with its I/O contract; it runs on onnxruntime.
+
+**[/ui](/ui)**: the page for people: every served model's card (how it was trained, its metrics and parity)
+and a form or drawing pad to try it.
 
 **Typed endpoints** (POST, JSON unless noted): `/predict` and `/predict_batch` (the `product` model,
 X1*X2), `/classify` (28x28 pixels as JSON) and `/classify_png` (a 28x28 PNG body), answered by the

@@ -7,11 +7,12 @@
 
 Endpoints (all POST): /predict, /predict_batch (product); /classify (JSON pixels), /classify_png
 (a PNG body) (classifier). GET /livez, /readyz; the Swagger UI at / has an example body for each
-JSON endpoint. Every model in the store, under its own name, over the Open Inference Protocol: /v2
-(`serve.v2`, a Starlette app mounted here). Which models are served and how to pin them:
-`serve.store`; the models are loaded once, in __init__, into one `Registry` that the typed endpoints
-and /v2 share (__init__ hands it to the mounted app). Input checks: `serve.validate` (typed),
-`serve.v2` (v2). Size, content-type and method limits: `serve.limits`, for both.
+JSON endpoint (its title, description and version: `serve.openapi`). The page for people, /ui
+(`serve.ui`, mounted here): each model's card and a pad to try it. Every model in the store, under its
+own name, over the Open Inference Protocol: /v2 (`serve.v2`, a Starlette app mounted here). Which models
+are served and how to pin them: `serve.store`; the models are loaded once, in __init__, into one
+`Registry` that the typed endpoints and /v2 share (__init__ hands it to the mounted apps). Input checks:
+`serve.validate` (typed), `serve.v2` (v2). Size, content-type and method limits: `serve.limits`, for both.
 
 BentoML builds one Starlette app whose routes include the mounted /v2 app, and wraps all of it in its
 middleware: the 429 (max_concurrency) and 504 (timeout) below apply to /v2 as to the typed endpoints
@@ -51,6 +52,7 @@ from starlette.responses import JSONResponse
 from serve import openapi
 from serve.limits import JSON, MAX_CONCURRENCY, PNG, TIMEOUT_S, RequestGuard, mend_bentoml_timeout
 from serve.store import OnnxModel, load_registry, registered_tags
+from serve.ui import app as ui_app, cards
 from serve.v2 import V2_POST_ROUTE, app as v2_app
 from serve.validate import (ClassifyInput, ClassifyOutput, InputError, PredictBatchInput, PredictBatchOutput,
                             PredictInput, PredictOutput, check_unique_keys, png_pixels, quiet_validation_errors)
@@ -70,6 +72,7 @@ def error(status: int, message: str) -> JSONResponse:
 # scale with the cores (BentoML splits max_concurrency between them). The limits: `serve.limits`.
 @bentoml.asgi_app(openapi.app, path="/")  # /docs.json: BentoML's document, corrected (see serve.openapi)
 @bentoml.asgi_app(v2_app, path="/")  # its routes start with /v2 (see serve.v2.make_app)
+@bentoml.asgi_app(ui_app, path="/")  # the page for people, /ui (serve.ui); also passive: only its routes
 @bentoml.service(workers=1, traffic={"timeout": TIMEOUT_S, "max_concurrency": MAX_CONCURRENCY})
 class TrainToDeploy:
     def __init__(self) -> None:
@@ -83,6 +86,7 @@ class TrainToDeploy:
         self.classifier, self.classifier_error = self.registry.slots["classifier"]
         self.ready = self.registry.ready
         v2_app.state.registry = self.registry  # the mounted app reads the same registry
+        ui_app.state.cards, ui_app.state.plots = cards(self.registry)  # read from the store once, like the models
 
     async def __is_ready__(self) -> bool:
         """/readyz: False (503) while a model that should be served is broken; see the module docstring."""

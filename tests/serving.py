@@ -231,12 +231,14 @@ def exported(tmp_path_factory) -> Exported:
                                  str(root / task / "best.pt"), "--out", str(root / task / "export")],
                                 cwd=REPO, env=env_for(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    # Each export runs in the background while the next model trains here.
-    train([*PRODUCT, "--epochs", "3"], root / "product")
+    # Each export runs in the background while the next model trains here. With the plots, which export
+    # copies into the store entry for the page at /ui (tests/test_ui.py).
+    plots = ["--log.plots", "true"]
+    train([*PRODUCT, "--epochs", "3", *plots], root / "product")
     exports = {"product": export("product")}
     data = write_image_set(root / "idx")
     train(["--task", "fashion-mnist", "--data-dir", str(data), "--data.download", "false", "--data.val_size", "50",
-           "--data.batch_size", "50", "--epochs", "2"], root / "fashion-mnist")
+           "--data.batch_size", "50", "--epochs", "2", *plots], root / "fashion-mnist")
     exports["fashion-mnist"] = export("fashion-mnist")
     tags = {}
     for task, proc in exports.items():

@@ -1,0 +1,302 @@
+// The page for people (serve/ui.py): one card per served model, read from /ui/models.json, and a way to
+// try each one through the same HTTP endpoints any client calls. Plain DOM, no framework; text goes in
+// through textContent only, so nothing from the model store is ever parsed as HTML.
+"use strict";
+
+const $ = (root, selector) => root.querySelector(selector);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "text") node.textContent = value;
+    else node.setAttribute(key, value);
+  }
+  node.append(...children);
+  return node;
+}
+
+const num = (v, digits = 4) => (typeof v === "number" ? Number(v.toPrecision(digits)).toString() : "—");
+const sci = (v) => (typeof v === "number" ? v.toExponential(2) : "—");
+
+async function main() {
+  const main = document.getElementById("models");
+  let models;
+  try {
+    const reply = await fetch("/ui/models.json");
+    models = (await reply.json()).models;
+  } catch (e) {
+    main.replaceChildren(el("p", { class: "error", text: `Cannot read /ui/models.json: ${e}` }));
+    return;
+  }
+  main.replaceChildren();
+  if (!models.length) main.append(el("p", { class: "note", text: "No model is served: train and export one." }));
+  for (const model of models) main.append(card(model));
+}
+
+// --- the card ---------------------------------------------------------------------------------------
+
+function card(m) {
+  const node = document.getElementById("card").content.firstElementChild.cloneNode(true);
+  node.dataset.model = m.name;
+  $(node, "[data-field=name]").textContent = m.name;
+  $(node, "[data-field=tag]").textContent = m.tag || "no version served";
+  const problem = m.error || m.card_error;
+  if (problem) Object.assign($(node, "[data-field=error]"), { hidden: false, textContent: problem });
+
+  const facts = $(node, ".facts");
+  const fact = (name, value, field, title) => {
+    const dd = el("dd", { "data-field": field, text: value ?? "—" });
+    if (title) dd.title = title;
+    facts.append(el("dt", { text: name }), dd);
+  };
+  fact("task", m.task, "task");
+  fact("kind", m.kind, "kind");
+  fact("architecture", m.arch, "arch");
+  fact("parameters", m.parameters?.toLocaleString("en"), "parameters");
+  fact("trained", m.created && m.created.replace("T", " ").replace("+00:00", " UTC"), "created");
+  fact("training time", m.train_seconds != null ? `${num(m.train_seconds, 3)} s` : null, "train_seconds");
+  fact("best epoch", m.epoch, "epoch");
+  fact("checkpoint SHA-256", m.checkpoint_sha256 && m.checkpoint_sha256.slice(0, 16) + "…", "sha256",
+       m.checkpoint_sha256);
+  if (m.versions) fact("exported with", Object.entries(m.versions).map(([k, v]) => `${k} ${v}`).join(", "),
+                       "versions");
+
+  const metrics = $(node, ".metrics tbody");
+  const test = m.test_metrics || {}, val = m.training_metrics || {};
+  for (const key of new Set([...Object.keys(test), ...Object.keys(val)])) {
+    if (typeof (test[key] ?? val[key]) !== "number") continue;  // per-class lists stay in the store
+    metrics.append(el("tr", { "data-metric": key }, el("td", { text: key }),
+                      el("td", { class: "test", text: num(test[key]) }), el("td", { text: num(val[key]) })));
+  }
+  if (!metrics.children.length) metrics.append(el("tr", {}, el("td", { colspan: 3, text: "none recorded" })));
+
+  const parity = m.parity;
+  $(node, ".parity-note").textContent = parity
+    ? `${parity.passed ? "passed" : "FAILED"}: ${parity.inputs}; tolerance atol ${parity.atol}, rtol ${parity.rtol}; ` +
+      `batches ${parity.batch_sizes.join(", ")}`
+    : "no parity record in the model store";
+  for (const [format, worst] of Object.entries(parity?.worst || {})) {
+    $(node, ".parity tbody").append(el("tr", { "data-format": format }, el("td", { text: format }),
+      el("td", { text: worst.batch }), el("td", { class: "max-abs", text: sci(worst.max_abs_err) }),
+      el("td", { text: sci(worst.max_rel_err) })));
+  }
+
+  const contract = m.contract || {};
+  for (const [side, list] of [["in", contract.inputs || []], ["out", contract.outputs || []]]) {
+    for (const t of list) {
+      $(node, ".contract tbody").append(el("tr", {}, el("td", { text: side }), el("td", { text: t.name }),
+        el("td", { text: t.dtype }), el("td", { text: `[${t.shape.join(", ")}]` }),
+        el("td", { text: t.range ? `[${t.range.join(", ")}]` : "any" })));
+    }
+  }
+  if (contract.classes) $(node, ".classes").textContent = `classes: ${contract.classes.join(", ")}`;
+
+  const plots = $(node, ".plots");
+  for (const src of m.plots) {
+    const name = src.split("/").pop().replace(".png", "").replaceAll("_", " ");
+    plots.append(el("figure", {}, el("img", { src, alt: `${m.name}: ${name}` }),
+                    el("figcaption", { text: name })));
+  }
+  if (!m.plots.length) plots.append(el("p", { class: "note", text: "no training plots in the model store" }));
+
+  if (m.try) $(node, ".try").append(el("h3", { text: "Try it" }), TRY[m.try.how](m, m.try));
+  return node;
+}
+
+// --- calling the server -----------------------------------------------------------------------------
+
+// POST a body; the parsed answer, or an Error whose message is the server's own error text.
+async function post(url, body, type = "application/json") {
+  const reply = await fetch(url, { method: "POST", headers: { "Content-Type": type }, body });
+  const text = await reply.text();
+  let answer;
+  try { answer = JSON.parse(text); } catch { answer = null; }
+  if (reply.ok && answer) return answer;
+  let message = answer?.error ?? text;
+  if (Array.isArray(answer?.detail)) {
+    message += ": " + answer.detail.map((d) => `${(d.loc || []).join(".")}: ${d.msg}`).join("; ");
+  }
+  throw new Error(`${reply.status}: ${message}`);
+}
+
+function infer(t, name, shape, data) {
+  return post(t.endpoint, JSON.stringify({ inputs: [{ name, shape, datatype: "FP32", data }] }));
+}
+
+function showError(out, e) {
+  out.replaceChildren(el("p", { class: "error", "data-field": "server-error", text: e.message }));
+}
+
+function softmax(logits) {
+  const top = Math.max(...logits);
+  const e = logits.map((v) => Math.exp(v - top));
+  const sum = e.reduce((a, b) => a + b, 0);
+  return e.map((v) => v / sum);
+}
+
+function bars(out, probabilities, classes) {
+  const best = probabilities.indexOf(Math.max(...probabilities));
+  const list = el("div", { class: "bars" });
+  probabilities.forEach((p, i) => {
+    const fill = el("span", { class: "fill" });
+    fill.style.width = `${(100 * p).toFixed(1)}%`;
+    list.append(el("div", { class: i === best ? "bar best" : "bar", "data-p": String(p) },
+      el("span", { class: "name", text: classes?.[i] ?? String(i) }), el("span", { class: "track" }, fill),
+      el("span", { class: "value", text: `${(100 * p).toFixed(1)}%` })));
+  });
+  out.replaceChildren(el("p", { class: "answer" }, "label ",
+    el("strong", { "data-field": "label", text: `${best}: ${classes?.[best] ?? best}` })), list);
+}
+
+// --- ways to try a model ----------------------------------------------------------------------------
+
+const TRY = {
+  // A grey image [1, H, W]: draw it, see what the model receives, and its answer.
+  pad(m, t) {
+    const size = 280;
+    const pad = el("canvas", { class: "pad", width: size, height: size, "aria-label": "drawing pad" });
+    const small = el("canvas", { class: "seen", width: t.width, height: t.height });
+    const brush = el("input", { type: "range", min: 4, max: 48, value: 20, "aria-label": "brush size" });
+    const clear = el("button", { type: "button", text: "Clear" });
+    const out = el("div", { class: "result", "aria-live": "polite" });
+    const ctx = pad.getContext("2d");
+    const wipe = () => { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, size, size); };
+    wipe();
+
+    let last = null;
+    const at = (e) => {
+      const r = pad.getBoundingClientRect();
+      return [(e.clientX - r.left) * size / r.width, (e.clientY - r.top) * size / r.height];
+    };
+    pad.addEventListener("pointerdown", (e) => {
+      pad.setPointerCapture(e.pointerId);
+      last = at(e);
+      stroke(last, last);
+    });
+    pad.addEventListener("pointermove", (e) => { if (last) { const p = at(e); stroke(last, p); last = p; } });
+    const end = () => { if (last) { last = null; send(); } };
+    pad.addEventListener("pointerup", end);
+    pad.addEventListener("pointercancel", end);
+    function stroke([x0, y0], [x1, y1]) {
+      Object.assign(ctx, { fillStyle: "#fff", strokeStyle: "#fff", lineWidth: Number(brush.value) });
+      ctx.lineCap = "round";
+      ctx.beginPath();
+      if (x0 === x1 && y0 === y1) {  // a tap: a dot (a line of no length draws nothing)
+        ctx.arc(x0, y0, ctx.lineWidth / 2, 0, 2 * Math.PI); ctx.fill();
+      } else {
+        ctx.moveTo(x0, y0); ctx.lineTo(x1, y1); ctx.stroke();
+      }
+    }
+    clear.addEventListener("click", () => {
+      wipe();
+      small.getContext("2d").clearRect(0, 0, t.width, t.height);
+      out.replaceChildren();
+    });
+
+    // The drawing, averaged down to the model's H x W, as pixels in [0, 1] (the contract's range).
+    async function send() {
+      const sctx = small.getContext("2d");
+      sctx.imageSmoothingEnabled = true;
+      sctx.imageSmoothingQuality = "high";
+      sctx.drawImage(pad, 0, 0, t.width, t.height);
+      const rgba = sctx.getImageData(0, 0, t.width, t.height).data;
+      const data = [];
+      for (let i = 0; i < rgba.length; i += 4) data.push(rgba[i] / 255);
+      try {
+        const answer = await infer(t, t.input, [1, 1, t.height, t.width], data);
+        bars(out, softmax(answer.outputs[0].data), m.contract.classes);
+      } catch (e) { showError(out, e); }
+    }
+
+    const parts = [el("div", { class: "pad-row" }, pad, el("div", { class: "seen-box" },
+      el("p", { class: "note", text: `what the model receives (${t.width}×${t.height})` }), small)),
+      el("div", { class: "controls" }, el("label", {}, "brush ", brush), clear), out];
+    if (t.png) {
+      const file = el("input", { type: "file", accept: "image/png", "aria-label": "a PNG image" });
+      file.addEventListener("change", async () => {
+        if (!file.files.length) return;
+        const png = file.files[0];
+        file.value = "";  // so that choosing the same file again sends it again
+        try {
+          const answer = await post(t.png, png, "image/png");
+          bars(out, answer.probabilities, m.contract.classes);
+        } catch (e) { showError(out, e); }
+      });
+      parts.splice(2, 0, el("label", { class: "controls" }, `or send a ${t.width}×${t.height} PNG to ${t.png}: `,
+                                     file));
+    }
+    return el("div", {}, ...parts);
+  },
+
+  // The product regressor, through the typed /predict (which also says when it extrapolates).
+  product(m, t) {
+    const x1 = el("input", { type: "number", step: "any", name: "x1", value: 3, required: "" });
+    const x2 = el("input", { type: "number", step: "any", name: "x2", value: 4, required: "" });
+    const out = el("div", { class: "result", "aria-live": "polite" });
+    const form = el("form", { novalidate: "" }, el("div", { class: "controls" },
+      el("label", {}, "x1 ", x1), el("label", {}, "x2 ", x2), el("button", { text: "Predict" })), out);
+    const range = m.contract.train_range;
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const value = (input) => (input.value.trim() === "" ? null : Number(input.value));  // empty: JSON null
+      try {
+        const answer = await post(t.endpoint, JSON.stringify({ x1: value(x1), x2: value(x2) }));
+        out.replaceChildren(el("p", { class: "answer" }, "x1 × x2 ≈ ",
+          el("strong", { "data-field": "y", text: num(answer.y, 6) })));
+        if (answer.extrapolated) {
+          out.append(el("p", { class: "warning", "data-field": "extrapolated", text:
+            `An input is outside the training range (${range.map((r) => `[${r.join(", ")})`).join(" × ")}): ` +
+            "this answer is an extrapolation and may be far off." }));
+        }
+      } catch (err) { showError(out, err); }
+    });
+    return form;
+  },
+
+  // A vector input: one number field per feature, over /v2.
+  fields(m, t) {
+    const spec = m.contract.inputs[0];
+    const inputs = [];
+    for (let i = 0; i < t.features; i++) {
+      inputs.push(el("input", { type: "number", step: "any", value: spec.range ? spec.range[0] : 0,
+                                "aria-label": `${t.input}[${i}]` }));
+    }
+    const out = el("div", { class: "result", "aria-live": "polite" });
+    const form = el("form", { novalidate: "" }, el("div", { class: "controls fields" },
+      ...inputs.map((input, i) => el("label", {}, `${t.input}[${i}] `, input)),
+      el("button", { text: "Infer" })), out);
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const data = inputs.map((input) => (input.value.trim() === "" ? null : Number(input.value)));
+      try {
+        outputs(out, await infer(t, t.input, [1, t.features], data));
+      } catch (err) { showError(out, err); }
+    });
+    return form;
+  },
+
+  // Anything else: the v2 request body itself, with an example of the right shape.
+  json(m, t) {
+    const example = { inputs: m.contract.inputs.map((s) => {
+      const shape = [1, ...s.shape.slice(1)];
+      const count = shape.reduce((a, b) => a * b, 1);
+      return { name: s.name, shape, datatype: "FP32", data: new Array(count).fill(s.range ? s.range[0] : 0) };
+    }) };
+    const text = el("textarea", { rows: 6, spellcheck: "false", "aria-label": "request body" });
+    text.value = JSON.stringify(example);
+    const out = el("div", { class: "result", "aria-live": "polite" });
+    const form = el("form", {}, text, el("div", { class: "controls" }, el("button", { text: "Infer" })), out);
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      try { outputs(out, await post(t.endpoint, text.value)); } catch (err) { showError(out, err); }
+    });
+    return form;
+  },
+};
+
+function outputs(out, answer) {
+  out.replaceChildren(...answer.outputs.map((o) => el("p", { class: "answer" }, `${o.name} = `,
+    el("strong", { "data-field": "output", text: o.data.map((v) => num(v, 6)).join(", ") }))));
+}
+
+main();

@@ -1,0 +1,273 @@
+"""The page for people at /ui, in a real browser: Debian's chromium driven by playwright, against a real
+`bentoml serve` on a store that `python -m export` filled (`serving.exported`: product and fashion-mnist)
+plus a user's own two tasks trained and exported here (a 6-feature regression and 3 classes of 8x8 images).
+
+Every check compares what the page shows with what the store holds or what the server answers over HTTP
+for the same input. Screenshots of each page are kept under $T2D_TEST_ARTIFACTS (default: a pytest
+temporary folder); the path is printed.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import FAST, cli
+from playwright.sync_api import sync_playwright
+from serving import Server, copy_store, exported, png, softmax
+from test_task import export_cli, write_user_tasks
+
+pytestmark = pytest.mark.slow
+
+USER_TASKS = {"REG": "six-features", "IMG": "tiny-images"}
+CLASSIFIERS = {"fashion-mnist": 10, "tiny-images": 3}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A folder whose bentoml/ store holds the two exports and the user's two tasks, each with its plots."""
+    home = tmp_path_factory.mktemp("ui")
+    copy_store(exported(tmp_path_factory), home / "bentoml")
+    module = write_user_tasks(home, prefix="ui_")["tasks"]
+    for name in USER_TASKS:
+        run = cli([*FAST, "--log.plots", "true", "--task", f"{module}:{name}", "--out", f"runs/{name}"], home)
+        assert run.returncode == 0, run.stderr[-3000:]
+        export = export_cli(["--task", f"{module}:{name}", "--checkpoint", f"runs/{name}/best.pt"], home)
+        assert export.returncode == 0, export.stderr[-3000:]
+    return home
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    srv = Server(store / "bentoml", store / "serve.log")
+    yield srv.wait_ready()
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def entries(store) -> dict[str, dict]:
+    """name -> the served (only) entry's model.yaml: tag, metadata."""
+    out = {}
+    for folder in sorted((store / "bentoml" / "models").iterdir()):
+        version = (folder / "latest").read_text().strip()
+        info = yaml.safe_load((folder / version / "model.yaml").read_text())
+        out[folder.name] = {"tag": f"{folder.name}:{version}", "meta": info["metadata"]}
+    assert set(out) == {"product", "fashion-mnist", *USER_TASKS.values()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("T2D_TEST_ARTIFACTS") or tmp_path_factory.mktemp("ui-artifacts"))
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"\nscreenshots of /ui: {folder}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium")
+    assert chromium, "no chromium on PATH: apt-get install chromium (.ci/run does)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium)
+        yield b
+        b.close()
+
+
+def open_ui(browser, server, **context):
+    """A fresh page on /ui once every card is drawn; the URLs it asked for are in page.requested."""
+    page = browser.new_context(**{"viewport": {"width": 1200, "height": 900}, **context}).new_page()
+    requested = []
+    page.on("request", lambda r: requested.append(r.url))
+    page.requested = requested
+    page.goto(f"http://127.0.0.1:{server.port}/ui")
+    page.wait_for_function("document.querySelectorAll('.card').length === 4")
+    return page
+
+
+def card(page, name: str):
+    return page.locator(f'.card[data-model="{name}"]')
+
+
+def close_to(shown: str, value: float, digits: int) -> bool:
+    """`shown` is `value` rounded to `digits` significant digits."""
+    return abs(float(shown) - value) <= 0.51 * 10 ** (np.floor(np.log10(abs(value))) - digits + 1) if value else \
+        float(shown) == 0
+
+
+# --- the cards ---------------------------------------------------------------------------------------
+
+def test_each_card_shows_what_the_model_store_holds(browser, server, entries, artifacts):
+    page = open_ui(browser, server)
+    page.wait_for_function("[...document.images].every(i => i.complete)")
+    for name, entry in entries.items():
+        c, meta = card(page, name), entry["meta"]
+        assert c.locator("[data-field=tag]").inner_text() == entry["tag"]
+        assert c.locator("[data-field=sha256]").inner_text() == meta["checkpoint_sha256"][:16] + "…"
+        assert c.locator("[data-field=parameters]").inner_text() == f"{meta['parameters']:,}"
+        seconds = c.locator("[data-field=train_seconds]").inner_text()
+        assert seconds.endswith(" s") and close_to(seconds[:-2], meta["train_seconds"], 3), seconds
+        for fmt, worst in meta["parity"]["worst"].items():
+            shown = c.locator(f"tr[data-format={fmt}] .max-abs").inner_text()
+            assert close_to(shown, worst["max_abs_err"], 3), (name, fmt, shown, worst)
+        metric = "accuracy" if name in CLASSIFIERS else "mse"
+        shown = c.locator(f"tr[data-metric={metric}] .test").inner_text()
+        assert close_to(shown, meta["test_metrics"][metric], 4), (name, metric, shown)
+        # The training pictures, copied into the entry by export and sent by the server.
+        assert meta["plots"] and "loss.png" in meta["plots"]
+        widths = c.locator(".plots img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
+        assert len(widths) == len(meta["plots"]) and min(widths) > 0, (name, widths)
+    # Offline: nothing but this server is asked for anything.
+    assert all(url.startswith(f"http://127.0.0.1:{server.port}/") for url in page.requested), page.requested
+    page.screenshot(path=artifacts / "ui-cards.png", full_page=True)
+
+
+# --- trying the models ---------------------------------------------------------------------------------
+
+def shown_bars(c) -> list[float]:
+    return [float(p) for p in c.locator(".bar").evaluate_all("bars => bars.map(b => b.dataset.p)")]
+
+
+def seen(c) -> np.ndarray:
+    """What the model received: the small canvas's pixels 0..255, as the page sent them (grey: the red channel)."""
+    return np.array(c.locator("canvas.seen").evaluate(
+        "c => Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data).filter((_, i) => i % 4 === 0)"))
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_a_drawing_gets_the_answer_v2_gives_for_the_input_the_page_shows(browser, server, entries, artifacts, name):
+    page = open_ui(browser, server)
+    c = card(page, name)
+    pad = c.locator("canvas.pad")
+    pad.scroll_into_view_if_needed()
+    box = pad.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.2)
+    page.mouse.down()
+    for t in np.linspace(0, 1, 12):  # a diagonal stroke
+        page.mouse.move(box["x"] + box["width"] * (0.3 + 0.4 * t), box["y"] + box["height"] * (0.2 + 0.6 * t))
+    page.mouse.up()
+    c.locator(".bar").nth(CLASSIFIERS[name] - 1).wait_for()
+    pixels = seen(c)
+    spec = entries[name]["meta"]["contract"]["inputs"][0]
+    h, w = spec["shape"][2:]
+    assert pixels.size == h * w and pixels.max() > 0, "the stroke did not reach the downscaled input"
+    x = (pixels / 255).astype(np.float32).reshape(1, 1, h, w)
+    body = {"inputs": [{"name": spec["name"], "shape": [1, 1, h, w], "datatype": "FP32", "data": x.ravel().tolist()}]}
+    logits = np.array(server.expect(server.post(f"/v2/models/{name}/infer", body), 200)["outputs"][0]["data"])
+    p = softmax(logits)
+    assert np.allclose(shown_bars(c), p, atol=1e-6), (shown_bars(c), p)
+    classes = entries[name]["meta"]["contract"]["classes"]
+    assert c.locator("[data-field=label]").inner_text() == f"{p.argmax()}: {classes[p.argmax()]}"
+    page.screenshot(path=artifacts / f"ui-pad-{name}.png", full_page=True)
+
+    c.locator("button", has_text="Clear").click()
+    assert c.locator(".bar").count() == 0
+
+
+def test_a_png_upload_gets_the_classify_png_answer(browser, server, tmp_path):
+    page = open_ui(browser, server)
+    c = card(page, "fashion-mnist")
+    image = np.zeros((28, 28), dtype=np.uint8)
+    image[4:24, 10:18] = 200  # a trouser-ish block
+    path = tmp_path / "item.png"
+    path.write_bytes(png(image))
+    c.locator("input[type=file]").set_input_files(str(path))
+    c.locator(".bar").nth(9).wait_for()
+    want = server.expect(server.post("/classify_png", path.read_bytes(), "image/png"), 200)
+    assert np.allclose(shown_bars(c), want["probabilities"], atol=1e-9)
+    assert c.locator("[data-field=label]").inner_text() == f"{want['label']}: {want['class_name']}"
+
+    path.write_bytes(png(np.zeros((20, 20))))  # the wrong size: the server's 422, as it says it
+    c.locator("input[type=file]").set_input_files(str(path))
+    error = c.locator("[data-field=server-error]")
+    error.wait_for()
+    reply = server.post("/classify_png", path.read_bytes(), "image/png")
+    assert error.inner_text() == f"{reply.status}: {reply.json['error']}"
+
+
+def test_the_product_form_answers_and_shows_the_servers_errors(browser, server):
+    page = open_ui(browser, server)
+    c = card(page, "product")
+
+    def submit(x1: str, x2: str):
+        c.locator("input[name=x1]").fill(x1)
+        c.locator("input[name=x2]").fill(x2)
+        c.locator(".result").evaluate("r => r.replaceChildren()")
+        c.locator("button", has_text="Predict").click()
+        c.locator(".result > *").first.wait_for()
+
+    submit("3", "4")
+    want = server.expect(server.post("/predict", {"x1": 3, "x2": 4}), 200)
+    assert close_to(c.locator("[data-field=y]").inner_text(), want["y"], 6)
+    assert not want["extrapolated"] and c.locator("[data-field=extrapolated]").count() == 0
+    submit("12", "4")
+    assert server.expect(server.post("/predict", {"x1": 12, "x2": 4}), 200)["extrapolated"]
+    assert "extrapolation" in c.locator("[data-field=extrapolated]").inner_text()
+
+    for x1, sent in (("", None), ("1e39", 1e39)):  # empty: sent as null; 1e39: beyond float32
+        submit(x1, "4")
+        reply = server.post("/predict", {"x1": sent, "x2": 4})
+        assert reply.status == 400
+        shown = c.locator("[data-field=server-error]").inner_text()
+        assert shown.startswith(f"400: {reply.json['error']}")
+        for problem in reply.json["detail"]:
+            assert problem["msg"] in shown, (shown, problem)
+
+
+def test_a_users_task_gets_a_form_from_its_contract(browser, server):
+    page = open_ui(browser, server)
+    c = card(page, "six-features")
+    fields = c.locator("input[type=number]")
+    assert fields.count() == 6
+    x = [0.5, -1.0, 2.0, 0.0, 3.25, 1.0]
+    for i, v in enumerate(x):
+        fields.nth(i).fill(str(v))
+    c.locator("button", has_text="Infer").click()
+    c.locator("[data-field=output]").wait_for()
+    body = {"inputs": [{"name": "features", "shape": [1, 6], "datatype": "FP32", "data": x}]}
+    want = server.expect(server.post("/v2/models/six-features/infer", body), 200)["outputs"][0]["data"][0]
+    assert close_to(c.locator("[data-field=output]").inner_text(), want, 6)
+
+    fields.nth(2).fill("1e39")
+    c.locator("button", has_text="Infer").click()
+    error = c.locator("[data-field=server-error]")
+    error.wait_for()
+    body["inputs"][0]["data"] = [*x[:2], 1e39, *x[3:]]
+    reply = server.post("/v2/models/six-features/infer", body)
+    assert reply.status == 400 and error.inner_text() == f"400: {reply.json['error']}"
+
+
+def test_the_page_fits_a_phone_and_the_pad_takes_a_touch(browser, server, artifacts):
+    page = open_ui(browser, server, viewport={"width": 375, "height": 812}, has_touch=True, is_mobile=True,
+                   device_scale_factor=2)
+    # A phone's browser zooms out to fit a page wider than its screen; then innerWidth is no longer 375.
+    fits = "window.innerWidth === 375 && document.documentElement.scrollWidth <= 375"
+    assert page.evaluate(fits), "the page is wider than 375 px"
+    for name in CLASSIFIERS:
+        left, right = card(page, name).locator("canvas.pad").evaluate(
+            "c => [c.getBoundingClientRect().left, c.getBoundingClientRect().right]")
+        assert 0 <= left and right <= 375 and right - left >= 200, (name, left, right)
+    c = card(page, "fashion-mnist")
+    c.locator("canvas.pad").scroll_into_view_if_needed()
+    box = c.locator("canvas.pad").bounding_box()
+    page.touchscreen.tap(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    c.locator(".bar").nth(9).wait_for()
+    assert seen(c).max() > 0, "the tap left no mark in the model's input"
+    assert page.evaluate(fits), "the answer made the page wider than 375 px"
+    page.screenshot(path=artifacts / "ui-phone.png", full_page=True)
+
+
+# --- the Swagger page ----------------------------------------------------------------------------------
+
+def test_the_swagger_page_says_what_this_service_is(browser, server, artifacts):
+    info = server.expect(server.get("/docs.json"), 200)["info"]
+    assert info["title"] == "train-to-deploy"
+    assert info["version"] == server.expect(server.get("/v2"), 200)["version"] != "None"
+    assert "contact" not in info and "/ui" in info["description"]
+    assert "BentoML" not in info["description"] and "http" not in info["description"]  # no badges to fetch
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{server.port}/")
+    page.get_by_text("the page for people").wait_for()
+    page.screenshot(path=artifacts / "swagger.png")
