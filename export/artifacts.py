@@ -43,13 +43,18 @@ def write_onnx(module: nn.Module, contract: dict[str, Any], path: Path, metadata
         except Exception as e:
             raise ExportError(f"ONNX export failed: {_first_line(e)}") from None
         model = onnx.load(str(raw), load_external_data=False)
+    save_onnx(model, path, metadata, full_check=True)
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, metadata: dict[str, str], full_check: bool) -> None:
+    """Add `metadata` to `model`'s metadata_props, write it atomically, then check the written file."""
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     model.producer_name = "train-to-deploy"
     atomic_write(path, model.SerializeToString())
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        onnx.checker.check_model(str(path), full_check=full_check)
     except Exception as e:
         raise ExportError(f"{path} fails onnx.checker: {_first_line(e)}") from None
 

@@ -34,9 +34,9 @@ import onnx
 import torch
 
 import t2d
-from export.artifacts import ExportError
+from export.artifacts import ExportError, save_onnx
 from models.checkpoint import first_line
-from t2d.files import atomic_write, write_json
+from t2d.files import write_json
 from t2d.splits import split_tensors
 
 VARIANTS = ("int8", "fp16")
@@ -280,16 +280,8 @@ def write_variant(float_file: Path, out: Path, variant: str, contract: dict[str,
     props = {p.key: p.value for p in onnx.load(str(float_file), load_external_data=False).metadata_props}
     props["contract"] = json.dumps(contract)
     props["variant"] = variant
-    del model.metadata_props[:]
-    for key, value in props.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    model.producer_name = "train-to-deploy"
-    atomic_write(path, model.SerializeToString())
-    try:
-        onnx.checker.check_model(str(path), full_check=False)
-    except Exception as e:
-        raise ExportError(f"{path} fails onnx.checker: {first_line(e)[:300]}") from None
+    del model.metadata_props[:]  # the float model's, with this variant's contract instead
+    save_onnx(model, path, props, full_check=False)
     return path, details
 
 
