@@ -7,7 +7,6 @@ cover it rounds every other unit to zero. Registration runs in a subprocess with
 (BentoML reads it once, at import), as in test_export.py.
 """
 
-import importlib
 import json
 import os
 import subprocess
@@ -246,54 +245,6 @@ def test_batchnorm_folds_through_maxpool_only_where_exact(tmp_path, negative_cha
 
 
 # --- calibration reads the training split only -------------------------------------------------------------------
-
-USER_TASK = '''
-import torch
-from models import MLP, MLPConfig
-from t2d import Input, Model, Output, Splits, Task
-
-ACCESS = []  # (split, index) of every sample read, in order
-
-class Recorded(torch.utils.data.Dataset):
-    def __init__(self, name, x, y, forbidden=False):
-        self.name, self.x, self.y, self.forbidden = name, x, y, forbidden
-    def __len__(self):
-        if self.forbidden:
-            raise RuntimeError(f"the {self.name} split was touched")
-        return len(self.x)
-    def __getitem__(self, i):
-        if self.forbidden:
-            raise RuntimeError(f"the {self.name} split was touched")
-        ACCESS.append((self.name, int(i)))
-        return self.x[i], self.y[i]
-
-FORBID_TEST = False
-
-def data(opts):
-    g = torch.Generator().manual_seed(0)
-    def draw(n):
-        y = torch.randint(0, 3, (n,), generator=g)
-        x = torch.randn(n, 6, generator=g) * 0.3 + torch.nn.functional.one_hot(y, 6).float() * 2
-        return x, y
-    train, test = draw(400), draw(150)
-    return Splits(train=Recorded("train", *train), test=Recorded("test", *test, forbidden=FORBID_TEST))
-
-TASK = Task(name="recorded", kind="classification", input=Input("features", (6,)), output=Output("scores", 3),
-            classes=("a", "b", "c"), data=data, models={"mlp": Model(MLPConfig, lambda c, t: MLP(c, (6,), 3))},
-            defaults={"run": {"epochs": 3}, "data": {"batch_size": 32, "val_size": 50}})
-'''
-
-
-@pytest.fixture
-def user_task(tmp_path, monkeypatch):
-    (tmp_path / "recorded_task.py").write_text(USER_TASK)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("recorded_task", None)
-    recorded_task = importlib.import_module("recorded_task")  # written above, into tmp_path: not a dependency
-
-    yield recorded_task
-    sys.modules.pop("recorded_task", None)
-
 
 def test_calibration_never_touches_the_test_split(user_task, tmp_path):
     ckpt = {"config": {"run": {"seed": 0}, "data": {}}}

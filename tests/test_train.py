@@ -515,3 +515,19 @@ def test_image_run_folder(tmp_path, image_dir):
     assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = history(tmp_path)
     assert set(records[0]) == {"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds"}
+
+
+def test_run_test_false_keeps_every_model_off_the_test_split(user_task, tmp_path):
+    """Choosing settings on validation only: with run.test false the run never reads a test sample,
+    records no test metrics and draws no test plots; the default scores best.pt on the test split."""
+    user_task.FORBID_TEST = True  # any len() or item of the test split raises
+    summary = train(["--task", "recorded_task:TASK", "--run.test", "false", "--log.plots", "true"], tmp_path / "run")
+    assert summary["test"] is None and summary["val"]["accuracy"] > 0.5
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["test"] is None
+    assert not (tmp_path / "run" / "confusion.png").exists() and (tmp_path / "run" / "loss.png").is_file()
+    assert {s for s, _ in user_task.ACCESS} == {"train"}
+    with pytest.raises(RuntimeError, match="the test split was touched"):  # the default does read it
+        train(["--task", "recorded_task:TASK"], tmp_path / "run2")
+    user_task.FORBID_TEST = False
+    scored = train(["--task", "recorded_task:TASK"], tmp_path / "run3")
+    assert scored["test"]["accuracy"] > 0.5 and ("test", 149) in user_task.ACCESS

@@ -50,6 +50,9 @@ class RunConfig:
     """k-fold cross-validation when > 1: trains `folds` models on the training data and reports mean and std."""
     max_batches: int = 0
     """Stop each epoch after this many batches; 0 = the whole epoch (smoke tests and dry runs)."""
+    test: bool = True
+    """Score best.pt on the test set at the end. false while choosing settings: no model then sees the
+    test split, so no choice can lean on it (summary.json's test is null, and no test plots)."""
     threads: int = 0
     """CPU threads for torch's operators, at most 1024; 0 = torch's default (one per core). 1 suits tiny models like
     the product MLP, which gain nothing from a second thread and, on a busy machine, lose much

@@ -23,8 +23,8 @@ class TaskData:
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+    test_x: torch.Tensor | None  # None when run.test is false: no model sees the test split
+    test_y: torch.Tensor | None
     classes: list[str] | None = None  # None for regression
 
 
@@ -36,7 +36,7 @@ def load_task_data(cfg: Config, device: torch.device) -> TaskData:
     task = cfg.task
     splits = task.data(data_options(cfg))
     train_x, train_y = split_tensors(task, splits.train, "train")
-    test_x, test_y = split_tensors(task, splits.test, "test")
+    test_x, test_y = split_tensors(task, splits.test, "test") if cfg.run.test else (None, None)
     if splits.val is not None:
         val_x, val_y = split_tensors(task, splits.val, "val")
     else:  # held out of the training split, at random but the same for every run with this seed
@@ -47,7 +47,8 @@ def load_task_data(cfg: Config, device: torch.device) -> TaskData:
         val_idx, train_idx = perm[:n], perm[n:].sort().values
         train_x, train_y, val_x, val_y = train_x[train_idx], train_y[train_idx], train_x[val_idx], train_y[val_idx]
     classes = list(task.classes) if task.classes else None
-    return TaskData(*(t.to(device) for t in (train_x, train_y, val_x, val_y, test_x, test_y)), classes=classes)
+    return TaskData(*(t if t is None else t.to(device) for t in (train_x, train_y, val_x, val_y, test_x, test_y)),
+                    classes=classes)
 
 
 def batch_order(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1,

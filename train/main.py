@@ -219,13 +219,14 @@ def _finish(cfg: Config, data: TaskData, rt: Runtime, out: Path, result: FitResu
     regression = cfg.task.regression
     model = result.predictor
     n_cls = len(data.classes) if data.classes else 0
-    test = evaluate(model, data.test_x, data.test_y, regression, cfg.data.eval_batch_size, rt, n_cls)
+    test = evaluate(model, data.test_x, data.test_y, regression, cfg.data.eval_batch_size, rt, n_cls) \
+        if cfg.run.test else None
     summary = {
         "task": cfg.task.name, "task_ref": None if is_builtin(cfg.task) else cfg.run.task, "arch": cfg.arch, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
         "stopped": result.stopped, "train_seconds": round(train_seconds, 3), "device": str(rt.device),
         "precision": rt.precision, "processes": rt.world_size,
         "val": scalars(result.best_metrics),
-        "test": {k: v for k, v in test.items() if k != "confusion"},
+        "test": {k: v for k, v in test.items() if k != "confusion"} if test else None,
     }
     if folds:
         summary["folds"] = folds
@@ -237,13 +238,16 @@ def _finish(cfg: Config, data: TaskData, rt: Runtime, out: Path, result: FitResu
         history = read_history(out) if folds is None else read_history(out / f"fold{folds['best_fold']}")
         if history:
             plots.loss_curves(history, out / "loss.png")
-        if regression:
+        if not test:
+            pass  # the plots below are of the test set
+        elif regression:
             pred = predict(model, data.test_x, cfg.data.eval_batch_size)
             plots.predicted_vs_true(data.test_y[:, 0].tolist(), pred[:, 0].tolist(), out / "predicted_vs_true.png")
         else:
             plots.confusion_matrix(test["confusion"], data.classes, out / "confusion.png")
     print(f"done: {result.epochs_run} epochs ({result.stopped}), best epoch {result.best_epoch}, "
-          f"train {train_seconds:.2f}s; test {fmt_metrics(summary['test'])}", flush=True)
+          f"train {train_seconds:.2f}s; " + (f"test {fmt_metrics(summary['test'])}" if test else
+                                                "test set not scored (run.test false)"), flush=True)
     print(f"wrote {out}/best.pt, last.pt, summary.json", flush=True)
     return summary
 
