@@ -49,9 +49,11 @@ def setup(device: str, precision: str, regression: bool = False, threads: int = 
         # nccl for GPUs, gloo for CPU: PyTorch's own engines.
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     if dev.type == "cuda":
-        # TF32 tensor cores for the fp32 matmuls and convolutions that autocast leaves in fp32.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 tensor cores for the fp32 matmuls and convolutions that autocast leaves in fp32, but not
+        # for a regression: TF32 rounds matmul inputs to 10 bits, as coarse as fp16, and regressions are
+        # judged on ~1% relative error (the reason `auto` keeps them out of bf16 too).
+        torch.backends.cuda.matmul.allow_tf32 = not regression
+        torch.backends.cudnn.allow_tf32 = not regression
         torch.backends.cudnn.benchmark = True
     if dev.type == "cpu":
         keep_freed_memory()
