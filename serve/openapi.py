@@ -4,8 +4,8 @@
 
 BentoML generates a document from the typed endpoints (`Service.openapi_spec`, in
 _bentoml_sdk/service/openapi.py of BentoML 1.4.39) that is wrong for this service: its error bodies
-say `detail` is a string (BentoML's pydantic 400 sends a list), it lists 404 and 500 (never answered
-on purpose) and none of 405/413/415/422/429/503/504, it writes tuples as `prefixItems` (a JSON Schema
+say `detail` is a string (BentoML's pydantic 400 sends a list), it lists 404 and an unexplained 500
+(404 is never answered on purpose) and none of 405/413/415/422/429/503/504, it writes tuples as `prefixItems` (a JSON Schema
 2020-12 keyword that OpenAPI 3.0 ignores, so rows of any length looked valid), it leaves the mounted
 /v2 app out (it documents mounted FastAPI apps only), and its title, version and description are
 placeholders. `document` takes BentoML's document and corrects all of that; `app` serves the result
@@ -16,8 +16,10 @@ against the routes and the middleware, and a schema fuzzer checks it against a r
 - the typed endpoints: 200; 400 a body that does not validate (BentoML's pydantic answer, with a
   "detail" list) or a PNG that cannot be decoded; 405/413/415 (`serve.limits.RequestGuard`); 422 a
   model output that is not finite, or a PNG of the wrong size or bit depth; 503 the endpoint's model
-  is missing or broken; 429 more than MAX_CONCURRENCY requests in flight; 504 no answer within TIMEOUT_S;
-- /v2 (`serve.v2`): 400, 404 an unknown model or version, 405, 413/415 on .../infer, 422, 503, 429, 504;
+  is missing or broken; 500 onnxruntime failed on input that passed validation (a defect, logged);
+  429 more than MAX_CONCURRENCY requests in flight; 504 no answer within TIMEOUT_S;
+- /v2 (`serve.v2`): 400, 404 an unknown model or version, 405, 413/415 on .../infer, 422, 500 on
+  .../infer as above, 503, 429, 504;
 - /livez, /readyz, /healthz, /metrics: BentoML's own, plain text, exempt from the 429; /readyz 503.
 A 405 is listed under the route's one operation: it is the answer to any other method on that path.
 """
@@ -49,7 +51,8 @@ store under its own name at `/v2/models/{{name}}`; `GET /v2/models/{{name}}` say
 that does not validate adds `detail`, one entry per problem). Limits: bodies up to {MAX_BODY_BYTES} bytes
 (413), each endpoint's own Content-Type (415), {MAX_ROWS} rows per request, {MAX_CONCURRENCY} requests in
 flight (429, on every route but /livez, /readyz, /healthz and /metrics), {TIMEOUT_S} s to start an answer (504).
-A model that is missing or failed to load answers 503 on its endpoints, with how to train and export one."""
+A model that is missing or failed to load answers 503 on its endpoints, with how to train and export one;
+one that fails on input that passed validation answers 500 (a defect of the model, in the server log)."""
 
 REF = "#/components/schemas/"
 TYPED = ("/predict", "/predict_batch", "/classify", "/classify_png")
@@ -102,6 +105,9 @@ ERRORS = {
 NOT_FINITE = _error("Unprocessable: the model's output is not finite (inputs far outside the training range)",
                     "the model's output is not finite for row(s) [0]: inputs this far outside the training range "
                     "overflow float32")
+MODEL_FAILED = _error("Internal Server Error: onnxruntime failed on input that passed validation: a defect of the "
+                      "model, not of the request (the server log has the details)",
+                      "model product:4pfy2oxo5szhgax4 failed on this input (x [1, 2]): [ONNXRuntimeError] ...")
 NO_MODEL = _error("Service Unavailable: the endpoint's model is missing or failed to load; the message says how to "
                   "train and export one", "no model named 'product' in the model store; train and export one: ...")
 VALIDATION = {"description": "Bad Request: the body is not JSON or does not validate (`detail` lists each problem; "
@@ -137,7 +143,7 @@ def _typed(paths: dict, schemas: dict) -> None:
             **_guarded(path, "image/png" if png else "application/json"),
             "422": _error("Unprocessable: the PNG is not 28x28 pixels, or not 8-bit; or the model's output is not "
                           "finite", "the PNG is 1x1 pixels; send 28x28") if png else NOT_FINITE,
-            "429": ERRORS[429], "503": NO_MODEL, "504": ERRORS[504]}
+            "429": ERRORS[429], "500": MODEL_FAILED, "503": NO_MODEL, "504": ERRORS[504]}
     body = paths["/classify_png"]["post"]["requestBody"]
     body["required"] = True
     body["content"]["image/png"]["schema"] = {"type": "string", "format": "binary", "maxLength": MAX_BODY_BYTES}
@@ -292,7 +298,7 @@ def _v2_paths() -> dict:
                                "400": _error("Bad Request: the body is not JSON, does not validate, or does not match "
                                              "the model's inputs", "inputs[0].data has 3 values; shape [1, 2] needs 2"),
                                "404": UNKNOWN, **_guarded(prefix + "/infer", "application/json"),
-                               "422": NOT_FINITE, "503": NO_MODEL, **V2_COMMON}}
+                               "422": NOT_FINITE, "500": MODEL_FAILED, "503": NO_MODEL, **V2_COMMON}}
         paths[prefix + "/infer"] = {"post": infer}
     for path, item in paths.items():  # operationIds: generated clients name their methods after them
         for method, op in item.items():

@@ -23,7 +23,8 @@ Errors are JSON with an "error" message: 400 for a body that does not validate (
 to a pydantic error, with a "detail" list) or is not a PNG, 405 a method but POST, 413 too big, 415
 wrong Content-Type, 422 for a PNG of the wrong size or mode and for a model output that is not
 finite, 429 more than MAX_CONCURRENCY requests in flight, 503 when the endpoint's model is missing
-or broken (the message says how to train and export it), 504 no answer begun within TIMEOUT_S.
+or broken (the message says how to train and export it), 504 no answer begun within TIMEOUT_S,
+500 when onnxruntime fails on input that passed validation (logged; the server keeps serving).
 
 Readiness: nothing answers, /livez and /readyz included, until __init__ has loaded the models
 (BentoML's arbiter holds the listening socket from the start, so a connection opens and waits).
@@ -51,7 +52,7 @@ from starlette.responses import JSONResponse
 
 from serve import openapi
 from serve.limits import JSON, MAX_CONCURRENCY, PNG, TIMEOUT_S, RequestGuard, mend_bentoml_timeout
-from serve.store import OnnxModel, load_registry, registered_tags
+from serve.store import ModelRunError, OnnxModel, load_registry, registered_tags
 from serve.ui import app as ui_app, cards
 from serve.v2 import V2_POST_ROUTE, app as v2_app
 from serve.validate import (ClassifyInput, ClassifyOutput, InputError, PredictBatchInput, PredictBatchOutput,
@@ -102,6 +103,8 @@ class TrainToDeploy:
             y, extrapolated = self._regress(np.array([[body.x1, body.x2]], dtype=np.float32))
         except InputError as e:
             return error(e.status, str(e))
+        except ModelRunError as e:  # logged where it happened
+            return error(500, str(e))
         return PredictOutput(y=y[0], model=self.product.tag, extrapolated=extrapolated[0])
 
     @bentoml.api
@@ -114,6 +117,8 @@ class TrainToDeploy:
             y, extrapolated = self._regress(np.array(body.x, dtype=np.float32))
         except InputError as e:
             return error(e.status, str(e))
+        except ModelRunError as e:  # logged where it happened
+            return error(500, str(e))
         return PredictBatchOutput(y=y, model=self.product.tag, extrapolated=extrapolated)
 
     @bentoml.api
@@ -126,6 +131,8 @@ class TrainToDeploy:
             return self._classify(np.array(body.image, dtype=np.float32))
         except InputError as e:
             return error(e.status, str(e))
+        except ModelRunError as e:  # logged where it happened
+            return error(500, str(e))
 
     @bentoml.api
     def classify_png(self, png: Annotated[bytes, ContentType(PNG)], /) -> ClassifyOutput:
@@ -136,6 +143,8 @@ class TrainToDeploy:
             return self._classify(png_pixels(png))
         except InputError as e:
             return error(e.status, str(e))
+        except ModelRunError as e:  # logged where it happened
+            return error(500, str(e))
 
     def _regress(self, x: np.ndarray) -> tuple[list[float], list[bool]]:
         """Predictions and extrapolation flags for (rows, 2) raw inputs."""

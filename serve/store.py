@@ -109,6 +109,10 @@ class NoModelError(ModelError):
     """A slot cannot serve because nothing is registered for it yet: expected on a fresh machine."""
 
 
+class ModelRunError(RuntimeError):
+    """onnxruntime failed on input that passed validation: the model's fault, not the client's (a 500)."""
+
+
 @dataclass
 class OnnxModel:
     """One exported model, opened: run it on float32 batches in raw units."""
@@ -141,11 +145,18 @@ class OnnxModel:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """The first output for the first input (the typed endpoints' models have one of each)."""
-        (out,) = self.session.run([self.outputs[0].name], {self.inputs[0].name: x})
+        (out,) = self.run_named({self.inputs[0].name: x}, [self.outputs[0].name])
         return out
 
     def run_named(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        return self.session.run(outputs, feeds)
+        try:
+            return self.session.run(outputs, feeds)
+        except Exception as e:  # onnxruntime's Fail, InvalidArgument, RuntimeException... have no common base
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+            logger.error("model %s failed on valid input (%s): %s", self.tag, shapes, e)
+            reason = first_line(e).split(" Status Message:")[0]  # the rest names onnxruntime's source files
+            raise ModelRunError(f"model {self.tag} failed on this input ({shapes}): {reason}; "
+                                f"the server log has the details") from e
 
 
 @dataclass

@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from serve.contract import FLOAT32_MAX, TensorSpec
 from serve.limits import MAX_ROWS
-from serve.store import PINS_ENV, OnnxModel, Registry
+from serve.store import PINS_ENV, ModelRunError, OnnxModel, Registry
 from t2d.files import first_line
 
 SERVER_NAME = "train-to-deploy"
@@ -62,7 +62,8 @@ SERVER_METADATA = json.dumps({"name": SERVER_NAME, "version": PACKAGE_VERSION, "
 
 
 class V2Error(Exception):
-    """A request this server cannot answer: `status` (4xx, or 503) and a one-line message that says what to fix."""
+    """A request this server cannot answer: `status` (4xx, 503, or 500 when a model fails on valid input) and a
+    one-line message that says what to fix."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -117,10 +118,13 @@ async def infer(request: Request) -> Response:
     if "id" in body and type(body["id"]) is not str:
         raise V2Error(400, f"id must be a string, got {_show(body['id'])}")
     names = [s.name for s in wanted]
-    if rows * sum(s.size for s in model.inputs) > INLINE_ELEMENTS:
-        outs = await run_in_threadpool(model.run_named, feeds, names)
-    else:
-        outs = model.run_named(feeds, names)
+    try:
+        if rows * sum(s.size for s in model.inputs) > INLINE_ELEMENTS:
+            outs = await run_in_threadpool(model.run_named, feeds, names)
+        else:
+            outs = model.run_named(feeds, names)
+    except ModelRunError as e:
+        raise V2Error(500, str(e)) from e
     answer = {"model_name": model.name, "model_version": model.version, "parameters": {"variant": model.variant}}
     if "id" in body:
         answer["id"] = body["id"]

@@ -186,6 +186,18 @@ def test_fp16_resume_restores_the_grad_scaler_bit_for_bit(tmp_path, image_dir):
 
 # --- a GPU checkpoint on a CPU-only machine: load, export with parity, resume ---------------------
 
+def tensors(obj):
+    """Every tensor in a checkpoint's nested dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors(v)
+
+
 @pytest.mark.parametrize("case", ["product", "fashion-mnist-cnn"])
 def test_gpu_checkpoint_exports_with_parity_on_a_cpu_only_process(tmp_path, image_dir, case):
     """Trained on the GPU (product fp32, the CNN in bf16), then `python -m export` in a process that sees
@@ -201,9 +213,12 @@ def test_gpu_checkpoint_exports_with_parity_on_a_cpu_only_process(tmp_path, imag
         export_args = ["--data-dir", str(image_dir)]
     s = gpu_train(args, out)
     assert s["device"] == "cuda:0" and s["precision"] == ("fp32" if case == "product" else "bf16")
-    # The weights in the file are CPU tensors: they load without map_location anywhere.
-    raw = torch.load(out / "best.pt", weights_only=True)
-    assert all(v.device.type == "cpu" for v in raw["state_dict"].values())
+    # Every tensor in the files, the optimizer's state included, is a CPU tensor: they load without
+    # map_location on a machine with no GPU.
+    for name in ("best.pt", "last.pt"):
+        raw = torch.load(out / name, weights_only=True)
+        devices = {t.device.type for t in tensors(raw)}
+        assert devices == {"cpu"} and any(t.numel() > 1 for t in tensors(raw["resume"]["optimizer"])), devices
 
     proc = export_on_cpu(["--checkpoint", str(out / "best.pt"), "--out", str(out / "export"), "--no-register",
                           *export_args], tmp_path)

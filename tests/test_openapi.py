@@ -38,10 +38,10 @@ TYPED = {"/predict", "/predict_batch", "/classify", "/classify_png"}
 HANDLER = {
     "/readyz": {503},                            # a model that should be served failed to load
     "/v2/health/ready": {503},
-    **{p: {400, 422, 503} for p in TYPED},       # invalid body; non-finite output or a wrong PNG; no model
+    **{p: {400, 422, 500, 503} for p in TYPED},  # invalid body; non-finite output or a wrong PNG; onnxruntime failed; no model
     **{p: {404, 503} for p in ("/v2/models/{name}", "/v2/models/{name}/ready",
                                "/v2/models/{name}/versions/{version}", "/v2/models/{name}/versions/{version}/ready")},
-    **{p: {400, 404, 422, 503} for p in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")},
+    **{p: {400, 404, 422, 500, 503} for p in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")},
 }
 
 

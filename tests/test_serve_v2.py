@@ -7,6 +7,8 @@ as `python -m export` writes it):
   (`features`, `target`) and a contract_version 2 contract with a range [0, 100], so nothing the v2
   path does can rest on the built-in names or on a built-in task;
 - `loud`: the product graph with its weights scaled up 1e4-fold per layer (outputs overflow float32);
+- `brittle`: the product graph whose output goes through a (-1, 2) reshape and back, so onnxruntime fails
+  on an odd number of rows, which pass validation;
 - `bad-name` and `bad-shape`: the product graph under contracts that disagree with it (input name x ->
   "features"; shape [batch, 2] -> [batch, 3]).
 The main server pins product and the older mydata and leaves the two bad names out; a second server
@@ -70,8 +72,19 @@ def loud(graph):
             init.CopyFrom(numpy_helper.from_array(w * np.float32(1e4), init.name))
 
 
+def brittle(graph):  # y goes through a (-1, 2) reshape and back: one row, valid input, fails in onnxruntime
+    from onnx import helper
+    out = graph.graph.output[0].name
+    for node in graph.graph.node:
+        node.output[:] = [out + "_raw" if n == out else n for n in node.output]
+    graph.graph.initializer.extend([numpy_helper.from_array(np.array([-1, 2], np.int64), "pairs"),
+                                    numpy_helper.from_array(np.array([-1, 1], np.int64), "column")])
+    graph.graph.node.extend([helper.make_node("Reshape", [out + "_raw", "pairs"], [out + "_pairs"]),
+                             helper.make_node("Reshape", [out + "_pairs", "column"], [out])])
+
+
 tags = {"mydata_old": create("mydata", version_2, rename), "mydata_new": create("mydata", version_2, rename),
-        "loud": create("loud", None, loud),
+        "loud": create("loud", None, loud), "brittle": create("brittle", None, brittle),
         "bad-name": create("bad-name", lambda c: c["inputs"][0].update(name="features")),
         "bad-shape": create("bad-shape", lambda c: (c["inputs"][0].update(shape=["batch", 3]),
                                                      c["train_range"].append([1.0, 10.0])))}
@@ -213,6 +226,15 @@ def test_non_finite_output_is_422_and_the_server_keeps_serving(server):
     assert np.isfinite(server.expect(infer(server, "loud", [[3, 4]]), 200)["outputs"][0]["data"]).all()
     error = server.expect(infer(server, "loud", [[3, 4], [1e30, 1e30]]), 422)["error"]
     assert "not finite for row(s) [1]" in error, error
+    server.expect(infer(server, "product", [[3, 4]]), 200)
+
+
+def test_onnxruntime_failing_on_valid_input_is_a_json_500_and_the_server_keeps_serving(server):
+    assert len(server.expect(infer(server, "brittle", [[3, 4], [5, 6]]), 200)["outputs"][0]["data"]) == 2
+    error = server.expect(infer(server, "brittle", [[3, 4]]), 500)["error"]
+    assert error.startswith("model brittle:") and "failed on this input (x [1, 2])" in error, error
+    assert "Reshape" in error and "Traceback" not in error and "onnxruntime_src" not in error, error
+    server.expect(infer(server, "brittle", [[3, 4], [5, 6]]), 200)
     server.expect(infer(server, "product", [[3, 4]]), 200)
 
 

@@ -361,6 +361,17 @@ def copy_tensors(obj):
     return obj
 
 
+def on_cpu(obj):
+    """`obj` with every tensor in its dicts, lists and tuples on the CPU (the same tensors where they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
 def _payload(cfg: Config, config: dict, predictor: Predictor, epoch: int, metrics: dict, opt, sched,
              scaler, stopper: Stopper, hard: HardExamples | None) -> dict:
     """A self-describing checkpoint: the model alone rebuilds from it; the rest resumes training."""
@@ -384,13 +395,15 @@ def _payload(cfg: Config, config: dict, predictor: Predictor, epoch: int, metric
         "epoch": epoch,
         "config": config,
         "torch_version": str(torch.__version__),  # TorchVersion would fail weights_only loads
-        "resume": {
+        # On the CPU as the weights are, so the file loads without map_location on a machine with no GPU
+        # (torch puts optimizer state back on its parameters' device when it is loaded for --resume).
+        "resume": on_cpu({
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "stopper": stopper.state(),
             "hard_examples": hard.state() if hard is not None else None,
-        },
+        }),
     }
 
 
