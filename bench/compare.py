@@ -12,8 +12,10 @@ median ratios ours/reference (below 1 means we are faster / smaller).
 The clocks. The product reference's starts before it builds its model and optimizer, so it includes
 the one-off import of torch._dynamo that creating a torch.optim optimizer triggers; ours
 (summary.json `train_seconds`) starts when the data is ready, before the model and the optimizer, so
-the two time the same work. The MNIST reference's clock starts once its optimizer exists, so there
-ours includes that import too and the ratio leans against us. Whole-process wall time is printed for
+the two time the same work. The MNIST reference's clock starts once its optimizer exists and covers
+its epoch loop alone, so for fashion-mnist `train_s` leans against us (ours includes that import and
+building the model); `s/epoch` puts both on the reference's clock (the sum of ours' logged epochs,
+which also validate). Whole-process wall time is printed for
 both sides, so each ratio can be read both ways. Threads: both children get the same OMP_NUM_THREADS
 (`--threads`), and ours the same `--run.threads`.
 
@@ -72,7 +74,8 @@ def reference_fmnist(baselines: Path, epochs: int, threads: int) -> dict:
     out, wall, rss = run_child([sys.executable, str(baselines / "mnist_reference.py"), str(epochs)],
                                threads_env(threads))
     m = re.search(r"train_s=([\d.]+) s_per_epoch=([\d.]+) test_acc=([\d.]+)%", out)
-    return {"train_s": float(m[1]), "wall_s": wall, "rss_mib": rss, "quality": float(m[3])}
+    # Its clock runs over the epoch loop only, from after its optimizer exists.
+    return {"train_s": float(m[1]), "wall_s": wall, "rss_mib": rss, "quality": float(m[3]), "epochs_s": float(m[1])}
 
 
 def ours_fmnist(tmp: Path, epochs: int, config: str, seed: int, threads: int) -> dict:
@@ -81,7 +84,11 @@ def ours_fmnist(tmp: Path, epochs: int, config: str, seed: int, threads: int) ->
                               "--epochs", str(epochs), "--run.seed", str(seed), "--run.threads", str(threads),
                               "--out", str(out_dir)], threads_env(threads))
     s = json.loads((out_dir / "summary.json").read_text())
-    return {"train_s": s["train_seconds"], "wall_s": wall, "rss_mib": rss, "quality": s["test"]["accuracy"]}
+    # The reference's clock in ours: the epochs alone, which the run logs one by one (each also
+    # validates on 5,000 held-out images, work the reference does not do).
+    epochs_s = sum(json.loads(line)["seconds"] for line in (out_dir / "metrics.jsonl").read_text().splitlines())
+    return {"train_s": s["train_seconds"], "wall_s": wall, "rss_mib": rss, "quality": s["test"]["accuracy"],
+            "epochs_s": epochs_s}
 
 
 def main() -> None:
@@ -120,9 +127,10 @@ def main() -> None:
     for k in ("train_s", "wall_s", "rss_mib", "quality"):
         ref, ours = med["reference"][k], med["ours"][k]
         print(f"median {k:<8} reference {ref:9.3f}  ours {ours:9.3f}  ours/reference {ours / ref:6.3f}")
-    if args.task == "fashion-mnist":  # the issue's measure; the same ratio as train_s
-        ref, ours = (med[side]["train_s"] / args.epochs for side in ("reference", "ours"))
-        print(f"median s/epoch  reference {ref:9.3f}  ours {ours:9.3f}  ours/reference {ours / ref:6.3f}")
+    if args.task == "fashion-mnist":  # the issue's measure, on the reference's clock: the epochs alone
+        ref, ours = (med[side]["epochs_s"] / args.epochs for side in ("reference", "ours"))
+        print(f"median s/epoch  reference {ref:9.3f}  ours {ours:9.3f}  ours/reference {ours / ref:6.3f}  "
+              f"(epochs only, from after the optimizer exists, as the reference times them)")
 
 
 if __name__ == "__main__":

@@ -37,10 +37,10 @@ CANDIDATES = {
 }
 
 
-def train(name: str, seed: int, test: bool, out: Path) -> dict:
+def train(name: str, seed: int, test: bool, out: Path, extra: list[str]) -> dict:
     run_dir = out / f"{name}-seed{seed}"
     cmd = [sys.executable, "-m", "train", *BASE, *CANDIDATES[name], "--run.seed", str(seed),
-           "--run.test", str(test).lower(), "--log.tensorboard", "false", "--out", str(run_dir)]
+           "--run.test", str(test).lower(), "--log.tensorboard", "false", "--out", str(run_dir), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"error: {' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
@@ -66,18 +66,20 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--only", nargs="+", choices=list(CANDIDATES), help="tune: these candidates only")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "select_cnn")
+    p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
+                   help="last: more python -m train arguments for every run (the suite's short mode: tiny data)")
     args = p.parse_args()
     print(f"cpu: {os.cpu_count()} cores; base: {' '.join(BASE)}", flush=True)
     if args.mode == "tune":
         seeds = args.seeds or [0, 1]
         for name in args.only or CANDIDATES:
-            rows = [train(name, seed, False, args.out) for seed in seeds]
+            rows = [train(name, seed, False, args.out, args.train_args) for seed in seeds]
             print(f"== {name}: val accuracy {mean_std([r['val_acc'] for r in rows])}%, "
                   f"train {mean_std([r['train_s'] for r in rows])} s", flush=True)
     else:
         if args.name not in CANDIDATES:
             sys.exit(f"error: final needs a candidate name, one of {', '.join(CANDIDATES)}")
-        rows = [train(args.name, seed, True, args.out) for seed in args.seeds or [10, 11, 12, 13, 14]]
+        rows = [train(args.name, seed, True, args.out, args.train_args) for seed in args.seeds or [10, 11, 12, 13, 14]]
         print(f"== {args.name} on seeds {[r['seed'] for r in rows]}: test accuracy "
               f"{mean_std([r['test_acc'] for r in rows])}% (min {min(r['test_acc'] for r in rows)}), "
               f"train {mean_std([r['train_s'] for r in rows])} s (max {max(r['train_s'] for r in rows)})", flush=True)

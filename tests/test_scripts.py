@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, write_image_set
 from serving import copy_store, env_for, exported
 
 pytestmark = pytest.mark.slow
@@ -66,7 +66,27 @@ def test_serving_benchmark_runs_in_a_short_mode(base):
     out = run([sys.executable, "bench/serving.py", "--seconds", "1", "--rounds", "1", "--product", str(base.root / "product" / "best.pt"),
                "--classifier", str(base.root / "fashion-mnist" / "best.pt")], env_for(base.home), 300)
     assert "ours / floor requests/s, per round" in out, out
+    runs = re.findall(r"^round 1 (?:ours|floor) .* non-2xx (\d+)", out, re.M)
+    assert len(runs) == 20 and set(runs) == {"0"}, out  # a side that answers errors measures nothing
     for endpoint in ("/predict", "/predict_batch", "/classify", "/v2 infer[1]", "/v2 infer[256]"):
         for side in ("ours", "floor"):
             assert re.search(rf"^round 1 {side}\s+{re.escape(endpoint)}\s+c=32\s+[\d.]+ req/s", out, re.M), out
     assert re.search(r"^  c=1\s+/v2 infer\[1\] over /predict requests/s: [\d.]+x", out, re.M), out
+
+
+def test_cnn_selection_tunes_on_validation_and_scores_the_test_set_only_in_final(tmp_path):
+    images = write_image_set(tmp_path / "images")
+    short = ["--train-args", "--data-dir", str(images), "--data.val_size", "60", "--run.epochs", "2", "--device", "cpu"]
+    tune = run([sys.executable, "bench/select_cnn.py", "tune", "--only", "shipped", "skip0.4-e9", "--seeds", "0", "1",
+                "--out", str(tmp_path / "runs"), *short], env_for(tmp_path / "bentoml"), 600)
+    rows = [json.loads(line) for line in tune.splitlines() if line.startswith("{")]
+    assert [(r["name"], r["seed"]) for r in rows] == [("shipped", 0), ("shipped", 1), ("skip0.4-e9", 0), ("skip0.4-e9", 1)]
+    assert all("test_acc" not in r and 0 <= r["val_acc"] <= 100 for r in rows), rows
+    for r in rows:  # no tuning run was scored on the test set
+        assert json.loads((tmp_path / "runs" / f"{r['name']}-seed{r['seed']}" / "summary.json").read_text())["test"] is None
+    assert re.search(r"^== skip0\.4-e9: val accuracy [\d.]+ ± [\d.]+%, train [\d.]+ ± [\d.]+ s$", tune, re.M), tune
+    final = run([sys.executable, "bench/select_cnn.py", "final", "shipped", "--seeds", "10", "11",
+                 "--out", str(tmp_path / "runs"), *short], env_for(tmp_path / "bentoml"), 600)
+    scored = [json.loads(line) for line in final.splitlines() if line.startswith("{")]
+    assert [r["seed"] for r in scored] == [10, 11] and all(0 <= r["test_acc"] <= 100 for r in scored), scored
+    assert re.search(r"^== shipped on seeds \[10, 11\]: test accuracy [\d.]+ ± [\d.]+% \(min [\d.]+\)", final, re.M), final
