@@ -76,7 +76,7 @@ def test_serving_benchmark_runs_in_a_short_mode(base):
 
 def test_cnn_selection_tunes_on_validation_and_scores_the_test_set_only_in_final(tmp_path):
     images = write_image_set(tmp_path / "images")
-    short = ["--train-args", "--data-dir", str(images), "--data.val_size", "60", "--run.epochs", "2", "--device", "cpu"]
+    short = ["--train-args", "--data-dir", str(images), "--data.val_size", "60", "--data.batch_size", "32", "--run.epochs", "2", "--device", "cpu"]
     tune = run([sys.executable, "bench/select_cnn.py", "tune", "--only", "shipped", "skip0.4-e9", "--seeds", "0", "1",
                 "--out", str(tmp_path / "runs"), *short], env_for(tmp_path / "bentoml"), 600)
     rows = [json.loads(line) for line in tune.splitlines() if line.startswith("{")]
