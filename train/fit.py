@@ -349,27 +349,26 @@ class CheckpointWriter:
             self._pool.shutdown()
 
 
-def copy_tensors(obj):
-    """`obj` with every tensor in its dicts, lists and tuples cloned (detached): a snapshot that later
-    training steps leave alone. Much cheaper than copy.deepcopy for state dicts."""
+def map_tensors(obj, fn):
+    """`obj` with `fn` applied to every tensor in its dicts, lists and tuples."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: copy_tensors(v) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(copy_tensors(v) for v in obj)
+        return type(obj)(map_tensors(v, fn) for v in obj)
     return obj
+
+
+def copy_tensors(obj):
+    """`obj` with every tensor cloned (detached): a snapshot that later training steps leave alone.
+    Much cheaper than copy.deepcopy for state dicts."""
+    return map_tensors(obj, lambda t: t.detach().clone())
 
 
 def on_cpu(obj):
-    """`obj` with every tensor in its dicts, lists and tuples on the CPU (the same tensors where they are)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: on_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(on_cpu(v) for v in obj)
-    return obj
+    """`obj` with every tensor on the CPU (the same tensors where they already are)."""
+    return map_tensors(obj, lambda t: t.detach().cpu())
 
 
 def _payload(cfg: Config, config: dict, predictor: Predictor, epoch: int, metrics: dict, opt, sched,
