@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import PRODUCT, assert_same_weights, history, state, train
+from test_train import image_args as train_image_args
 
 import t2d
 from models.checkpoint import load_checkpoint, predictor_from_checkpoint
@@ -52,12 +53,8 @@ SEEN_DDP = re.compile(r"harness: DistributedDataParallel over (\d+) SyncBatchNor
 
 
 def image_args(data_dir: Path, task: str = "fashion-mnist", arch: str = "cnn") -> list[str]:
-    """tests/test_train.py's tiny image runs: 250 training images (50 held out), batches of 50."""
-    args = ["--task", task, "--data-dir", str(data_dir), "--data.download", "false", "--data.val_size", "50",
-            "--data.batch_size", "50"]
-    if arch == "cnn":
-        args += ["--model.arch", "cnn", "--model.channels", "8,8,8", "--optim.lr", "0.01"]
-    return args
+    """tests/test_train.py's tiny image runs, the CNN on Fashion-MNIST unless told otherwise."""
+    return train_image_args(data_dir, task, arch)
 
 
 def gpu_train(argv: list[str], out: Path) -> dict:
