@@ -101,10 +101,8 @@ class TrainToDeploy:
             if self.product is None:
                 return error(503, self.product_error)
             y, extrapolated = self._regress(np.array([[body.x1, body.x2]], dtype=np.float32))
-        except InputError as e:
+        except (InputError, ModelRunError) as e:  # a ModelRunError is logged where it happened
             return error(e.status, str(e))
-        except ModelRunError as e:  # logged where it happened
-            return error(500, str(e))
         return PredictOutput(y=y[0], model=self.product.tag, extrapolated=extrapolated[0])
 
     @bentoml.api
@@ -115,10 +113,8 @@ class TrainToDeploy:
             if self.product is None:
                 return error(503, self.product_error)
             y, extrapolated = self._regress(np.array(body.x, dtype=np.float32))
-        except InputError as e:
+        except (InputError, ModelRunError) as e:  # a ModelRunError is logged where it happened
             return error(e.status, str(e))
-        except ModelRunError as e:  # logged where it happened
-            return error(500, str(e))
         return PredictBatchOutput(y=y, model=self.product.tag, extrapolated=extrapolated)
 
     @bentoml.api
@@ -129,10 +125,8 @@ class TrainToDeploy:
             if self.classifier is None:
                 return error(503, self.classifier_error)
             return self._classify(np.array(body.image, dtype=np.float32))
-        except InputError as e:
+        except (InputError, ModelRunError) as e:  # a ModelRunError is logged where it happened
             return error(e.status, str(e))
-        except ModelRunError as e:  # logged where it happened
-            return error(500, str(e))
 
     @bentoml.api
     def classify_png(self, png: Annotated[bytes, ContentType(PNG)], /) -> ClassifyOutput:
@@ -141,10 +135,8 @@ class TrainToDeploy:
             return error(503, self.classifier_error)
         try:
             return self._classify(png_pixels(png))
-        except InputError as e:
+        except (InputError, ModelRunError) as e:  # a ModelRunError is logged where it happened
             return error(e.status, str(e))
-        except ModelRunError as e:  # logged where it happened
-            return error(500, str(e))
 
     def _regress(self, x: np.ndarray) -> tuple[list[float], list[bool]]:
         """Predictions and extrapolation flags for (rows, 2) raw inputs."""

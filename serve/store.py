@@ -110,7 +110,9 @@ class NoModelError(ModelError):
 
 
 class ModelRunError(RuntimeError):
-    """onnxruntime failed on input that passed validation: the model's fault, not the client's (a 500)."""
+    """onnxruntime failed on input that passed validation: the model's fault, not the client's."""
+
+    status = 500  # as serve.validate.InputError's, so the typed endpoints answer both alike
 
 
 @dataclass

@@ -124,7 +124,7 @@ async def infer(request: Request) -> Response:
         else:
             outs = model.run_named(feeds, names)
     except ModelRunError as e:
-        raise V2Error(500, str(e)) from e
+        raise V2Error(e.status, str(e)) from e
     answer = {"model_name": model.name, "model_version": model.version, "parameters": {"variant": model.variant}}
     if "id" in body:
         answer["id"] = body["id"]
