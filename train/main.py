@@ -238,12 +238,10 @@ def _finish(cfg: Config, data: TaskData, rt: Runtime, out: Path, result: FitResu
         history = read_history(out) if folds is None else read_history(out / f"fold{folds['best_fold']}")
         if history:
             plots.loss_curves(history, out / "loss.png")
-        if not test:
-            pass  # the plots below are of the test set
-        elif regression:
+        if test and regression:  # both plots are of the test set
             pred = predict(model, data.test_x, cfg.data.eval_batch_size)
             plots.predicted_vs_true(data.test_y[:, 0].tolist(), pred[:, 0].tolist(), out / "predicted_vs_true.png")
-        else:
+        elif test:
             plots.confusion_matrix(test["confusion"], data.classes, out / "confusion.png")
     print(f"done: {result.epochs_run} epochs ({result.stopped}), best epoch {result.best_epoch}, "
           f"train {train_seconds:.2f}s; " + (f"test {fmt_metrics(summary['test'])}" if test else
