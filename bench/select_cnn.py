@@ -34,6 +34,9 @@ CANDIDATES = {
     "smooth0": ["--optim.label_smoothing", "0"],
     "dropout0.1": ["--model.dropout", "0.1"],
     "batch256-e12": ["--data.batch_size", "256", "--optim.lr", "0.012", "--run.epochs", "12"],
+    # bf16 autocast: only on a CPU with native bf16 instructions (train refuses it elsewhere).
+    "bf16": ["--run.precision", "bf16"],
+    "bf16-e13": ["--run.precision", "bf16", "--run.epochs", "13"],
 }
 
 
