@@ -95,6 +95,14 @@ def train(argv: list[str], out: Path, *, fast: bool = True) -> dict:
     return run(cfg, resume)
 
 
+def one_error_line(err: str) -> str:
+    """The CLI's whole stderr on bad input: one 'error: ' line, no traceback."""
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
 def history(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -19,7 +19,7 @@ import typing
 import numpy as np
 import pytest
 import torch
-from conftest import predictor
+from conftest import one_error_line, predictor
 from conftest import train as train_in_process
 from conftest import write_image_set
 
@@ -206,13 +206,6 @@ def run_train(capsys, argv) -> str:
     err = capsys.readouterr().err
     assert rc == 2, f"exit {rc} for {argv}\n{err}"
     return one_error_line(err)
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))

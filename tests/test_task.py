@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO, cli
+from conftest import FAST, REPO, cli, one_error_line
 from torch import nn
 
 import export.main
@@ -134,12 +134,6 @@ def bad_task_refs(m: dict[str, str]) -> dict[str, tuple[str, str]]:
         "factory": (f"{tasks}:make", f"--task {tasks}:make is a function, not a t2d.Task"),
         "built-in name": (f"{tasks}:LOOKALIKE", "is named 'mnist', a built-in task's name; give it another name"),
     }
-
-
-def one_error_line(err: str) -> str:
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def export_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
