@@ -3,11 +3,13 @@ longer knows, fails here rather than in a user's first run. The image configs tr
 each epoch's worth on the tiny IDX set with their own model, optimizer and schedule."""
 
 import pytest
-from conftest import REPO, train
+from conftest import FAST, REPO, one_error_line, train
 
 import export.main
 from models.checkpoint import load_checkpoint, predictor_from_checkpoint
+from train.main import main as train_main
 from train.main import parse_args
+from train.runtime import cpu_bf16_supported
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -25,10 +27,18 @@ def test_config_parses(path):
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "mnist" in p.name], ids=lambda p: p.name)
-def test_image_config_trains_and_its_checkpoint_rebuilds(path, image_dir, tmp_path):
+def test_image_config_trains_and_its_checkpoint_rebuilds(path, image_dir, tmp_path, capsys):
     cfg, _ = parse_args(["--config", str(path)])
-    summary = train(["--config", str(path), "--data-dir", str(image_dir), "--data.download", "false",
-                     "--data.val_size", "50", "--epochs", "4", "--run.max_batches", "4"], tmp_path)
+    args = ["--config", str(path), "--data-dir", str(image_dir), "--data.download", "false",
+            "--data.val_size", "50", "--epochs", "4", "--run.max_batches", "4"]
+    if cfg.run.precision == "bf16" and not cpu_bf16_supported():
+        # A bf16 config on a CPU that would emulate bf16: one line that says so, and no run folder.
+        assert train_main([*FAST, *args, "--out", str(tmp_path / "run")]) == 2
+        assert "needs native bf16 instructions" in one_error_line(capsys.readouterr().err)
+        assert not (tmp_path / "run").exists()
+        pytest.skip("this CPU has no native bf16: the config's run was refused, as it should be")
+    summary = train(args, tmp_path)
+    assert summary["precision"] == ("fp32" if cfg.run.precision == "auto" else cfg.run.precision)  # auto on CPU
     # 4 epochs: the CNN's skipped epochs are 1 batch here, and its one-cycle needs 2 warm-up steps.
     assert summary["epochs_run"] == 4
     ckpt = load_checkpoint(tmp_path / "best.pt")
@@ -43,12 +53,9 @@ def test_image_config_trains_and_its_checkpoint_rebuilds(path, image_dir, tmp_pa
 
 def test_too_short_one_cycle_is_a_config_error(tmp_path, image_dir, capsys):
     # 2 epochs x 2 batches with a quarter warm-up: one warm-up step, where OneCycleLR divides by zero
-    from conftest import FAST
-
-    from train.main import main
-    rc = main([*FAST, "--config", str(REPO / "configs" / "fashion_mnist_cnn.yaml"), "--data-dir", str(image_dir),
-               "--data.download", "false", "--data.val_size", "50", "--epochs", "2", "--run.max_batches", "2",
-               "--out", str(tmp_path)])
+    rc = train_main([*FAST, "--config", str(REPO / "configs" / "fashion_mnist_cnn.yaml"), "--data-dir",
+                     str(image_dir), "--data.download", "false", "--data.val_size", "50", "--epochs", "2",
+                     "--run.max_batches", "2", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc != 0 and err.count("\n") == 1 and "sched.name onecycle needs more than one warm-up step" in err, err
 
