@@ -12,7 +12,8 @@ as `python -m export` writes it):
 - `bad-name` and `bad-shape`: the product graph under contracts that disagree with it (input name x ->
   "features"; shape [batch, 2] -> [batch, 3]).
 The main server pins product and the older mydata and leaves the two bad names out; a second server
-leaves nothing out and must refuse exactly the two bad ones; a third has tiny traffic limits.
+leaves nothing out and must refuse exactly the two bad ones; a third has tiny traffic limits. One test
+starts its own server over a further copy whose `product` is the brittle graph, for the typed endpoints.
 """
 
 import json
@@ -30,7 +31,7 @@ from serve.limits import MAX_BODY_BYTES, MAX_ROWS
 
 JSON = "application/json"
 
-ENTRIES = r'''
+DEFINITIONS = r'''
 import json, shutil, sys, bentoml, numpy as np, onnx
 from onnx import numpy_helper
 product = sys.argv[1]
@@ -81,8 +82,9 @@ def brittle(graph):  # y goes through a (-1, 2) reshape and back: one row, valid
                                     numpy_helper.from_array(np.array([-1, 1], np.int64), "column")])
     graph.graph.node.extend([helper.make_node("Reshape", [out + "_raw", "pairs"], [out + "_pairs"]),
                              helper.make_node("Reshape", [out + "_pairs", "column"], [out])])
+'''
 
-
+ENTRIES = DEFINITIONS + '''
 tags = {"mydata_old": create("mydata", version_2, rename), "mydata_new": create("mydata", version_2, rename),
         "loud": create("loud", None, loud), "brittle": create("brittle", None, brittle),
         "bad-name": create("bad-name", lambda c: c["inputs"][0].update(name="features")),
@@ -227,6 +229,28 @@ def test_non_finite_output_is_422_and_the_server_keeps_serving(server):
     error = server.expect(infer(server, "loud", [[3, 4], [1e30, 1e30]]), 422)["error"]
     assert "not finite for row(s) [1]" in error, error
     server.expect(infer(server, "product", [[3, 4]]), 200)
+
+
+def test_typed_endpoints_answer_the_same_json_500_when_onnxruntime_fails(store, tmp_path):
+    """/predict and /predict_batch over a `product` that fails in onnxruntime on odd row counts (the
+    brittle graph): a JSON 500 that names the model, and the server keeps serving."""
+    home = copy_store(store, tmp_path / "bentoml")
+    made = python(DEFINITIONS + 'print(create("product", None, brittle))', home,
+                  str(entry_folder(home, store.tags["product"])))
+    assert made.returncode == 0, made.stderr
+    tag = made.stdout.strip().splitlines()[-1]
+    srv = Server(home, tmp_path / "serve.log", T2D_PRODUCT_MODEL=tag, T2D_MODELS="-bad-name,-bad-shape").wait_ready()
+    try:
+        error = srv.expect(srv.post("/predict", {"x1": 3, "x2": 4}), 500)["error"]
+        assert error.startswith(f"model {tag} failed on this input (x [1, 2])") and "Reshape" in error, error
+        assert "Traceback" not in error and "onnxruntime_src" not in error, error
+        assert len(srv.expect(srv.post("/predict_batch", {"x": [[3, 4], [5, 6]]}), 200)["y"]) == 2
+        assert "failed on this input (x [3, 2])" in srv.expect(
+            srv.post("/predict_batch", {"x": [[3, 4], [5, 6], [7, 8]]}), 500)["error"]
+        assert srv.expect(srv.post("/classify", {"image": [[0] * 28] * 28}), 200)["model"]  # the other slot
+        assert f"model {tag} failed" in srv.log()  # logged where it happened
+    finally:
+        srv.stop()
 
 
 def test_onnxruntime_failing_on_valid_input_is_a_json_500_and_the_server_keeps_serving(server):
