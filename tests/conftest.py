@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import models  # noqa: E402
 import t2d  # noqa: E402
 from t2d.idx import IDX_FILES  # noqa: E402
-from train.config import build_config, resolve_task  # noqa: E402
+from train.config import build_config  # noqa: E402
 from train.data import TaskData, load_task_data  # noqa: E402
 from train.main import parse_args, run  # noqa: E402
 
@@ -168,15 +168,8 @@ TASK = Task(name="recorded", kind="classification", input=Input("features", (6,)
 def user_task(tmp_path, monkeypatch):
     (tmp_path / "recorded_task.py").write_text(USER_TASK)
     monkeypatch.syspath_prepend(str(tmp_path))
-    forget_recorded_task()
+    sys.modules.pop("recorded_task", None)  # each test its own module, and so its own ACCESS list
     recorded_task = importlib.import_module("recorded_task")  # written above, into tmp_path: not a dependency
 
     yield recorded_task
-    forget_recorded_task()
-
-
-def forget_recorded_task():
-    """Each test gets a fresh module: train resolves a task reference once per process, so the Task of
-    an earlier test's module (and its ACCESS list) would otherwise still answer 'recorded_task:TASK'."""
     sys.modules.pop("recorded_task", None)
-    resolve_task.cache_clear()

@@ -5,7 +5,6 @@ when resuming -> `--config FILE.yaml` -> `--section.field value` flags. Unknown 
 the wrong type raise ConfigError with a one-line message.
 """
 
-import functools
 import math
 import types
 import typing
@@ -234,9 +233,9 @@ SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "sched":
             "stop": StopConfig, "log": LogConfig}
 
 
-@functools.lru_cache(maxsize=None)
 def resolve_task(ref: str) -> t2d.Task:
-    """The Task of `run.task`, as a ConfigError when it cannot be had (a user's module is imported once)."""
+    """The Task of `run.task`, as a ConfigError when it cannot be had. Not cached here: Python imports a
+    user's module once (sys.modules), and a module reloaded or re-imported gives its new Task."""
     try:
         return t2d.resolve(ref)
     except t2d.TaskError as e:
