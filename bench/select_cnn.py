@@ -7,8 +7,9 @@
 test split, and prints each run's validation accuracy (5,000 images held out of the 60,000 training
 images; the split is drawn by the seed) and training seconds. `final` trains one candidate as its
 config file ships it (with that file's own validation split) on seeds that tuning did not use, scores
-each on the 10,000 test images once, and prints mean ± std of test accuracy and training seconds. Every run is `python -m train` as a child process, one at a time, with
-all cores (2 threads here), and its run folder is kept under --out.
+each on the 10,000 test images once, and prints mean ± std of test accuracy and training seconds.
+Every run is `python -m train` as a child process, one at a time, with all cores (2 threads here),
+and its run folder is kept under --out.
 """
 
 import argparse
@@ -45,8 +46,9 @@ CANDIDATES = {
 
 def train(name: str, seed: int, test: bool, out: Path, extra: list[str]) -> dict:
     run_dir = out / f"{name}-seed{seed}"
-    cmd = [sys.executable, "-m", "train", *BASE, *CANDIDATES[name], *([] if test else TUNE_SPLIT), "--run.seed", str(seed),
-           "--run.test", str(test).lower(), "--log.tensorboard", "false", "--out", str(run_dir), *extra]
+    cmd = [sys.executable, "-m", "train", *BASE, *CANDIDATES[name], *([] if test else TUNE_SPLIT),
+           "--run.seed", str(seed), "--run.test", str(test).lower(), "--log.tensorboard", "false",
+           "--out", str(run_dir), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"error: {' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
