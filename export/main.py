@@ -32,8 +32,8 @@ from export.artifacts import FORMATS, ONNX_FILE, TORCHSCRIPT_FILE, ExportError, 
     write_onnx, write_torchscript
 from export.contract import ContractError, contract_of
 from export.parity import ParityError
-from export.quantize import CALIBRATION_SAMPLES, METHODS, QUANT_FILE, VARIANTS, GateError, QuantizeOptions, \
-    quantize
+from export.quantize import CALIBRATION_SAMPLES, INT8_FORMATS, METHODS, QUANT_FILE, VARIANTS, GateError, \
+    QuantizeOptions, quantize
 from export.quantize import failure_message as quantize_failure
 from export.quantize import summary as quantize_summary
 from export.store import register
@@ -109,6 +109,15 @@ def parse_args(argv: list[str]) -> ExportOptions:
     p.add_argument("--int8-method", choices=METHODS, default="auto",
                    help="int8: static (calibrated QDQ), dynamic, or auto: static for classifiers, dynamic for "
                         "regression (default: auto)")
+    p.add_argument("--int8-format", choices=INT8_FORMATS, default="portable",
+                   help="int8: portable (right on every x86-64 CPU) or vnni (full 8-bit weights, for CPUs with "
+                        "avx512_vnni, avx_vnni or amx_int8 only; served nowhere else) (default: portable)")
+    p.add_argument("--keep-float", default="",
+                   help="int8: layers to leave in float32, comma-separated torch module paths (net.fc) or ONNX node "
+                        "names; quantization.json lists the model's layers (default: none)")
+    p.add_argument("--no-int8-fallback", action="store_true",
+                   help="int8: do not keep further layers in float32 when the variant misses the bound on a "
+                        "validation sample of the training split (default: keep the fewest that bring it within)")
     p.add_argument("--calibration-samples", type=int, default=CALIBRATION_SAMPLES,
                    help="int8 static: training samples to calibrate activation ranges on "
                         f"(default: {CALIBRATION_SAMPLES})")
@@ -136,12 +145,15 @@ def parse_args(argv: list[str]) -> ExportOptions:
             raise ValueError(f"--{name.replace('_', '-')} must be a non-negative number, got {getattr(a, name)}")
     if a.calibration_samples < 1:
         raise ValueError(f"--calibration-samples must be >= 1, got {a.calibration_samples}")
+    keep_float = tuple(n.strip() for n in a.keep_float.split(",") if n.strip())
+    if (keep_float or a.no_int8_fallback) and a.quantize != "int8":
+        raise ValueError("--keep-float and --no-int8-fallback choose int8 layers: add --quantize int8")
     quant = None
     if a.quantize:
         if a.format == "torchscript":
             raise ValueError("--quantize works on the ONNX model: use --format onnx or all")
         quant = QuantizeOptions(a.quantize, a.int8_method, a.calibration_samples, a.max_accuracy_drop,
-                                a.max_error_increase)
+                                a.max_error_increase, a.int8_format, keep_float, not a.no_int8_fallback)
     return ExportOptions(checkpoint=a.checkpoint, task=a.task, out=a.out, formats=FORMATS if a.format == "all" else (a.format,),
                          atol=a.atol, rtol=a.rtol, batch_sizes=sizes,
                          data_dir=None if a.data_dir is None else str(a.data_dir),
@@ -229,7 +241,8 @@ def quantize_and_register(exp: Exported, opts: ExportOptions) -> tuple[dict[str,
     contract = {**exp.contract, "variant": q.variant}
     meta = {**store_metadata(exp, report, opts, run), "contract": contract, "variant": q.variant,
             "quantization": quantize_summary(quant), "float_model": tags[0], "formats": ["onnx"]}
-    files = {"onnx": Path(quant["file"]), "parity": exp.out / PARITY_FILE, "quantization": exp.out / QUANT_FILE}
+    files = {"onnx": Path(quant["file"]), "parity": exp.out / PARITY_FILE, "quantization": exp.out / QUANT_FILE,
+             "selfcheck": exp.out / quant["self_check"]["file"]}
     tags.append(register(exp.task.name, files, contract, meta, plots))
     return report, quant, tags
 
@@ -347,5 +360,9 @@ def quant_line(quant: dict[str, Any]) -> str:
         cost = (f"test MRE {g['quantized_mre']:.4g}% vs {g['float_mre']:.4g}% float32 "
                 f"({g['error_increase']:+.1f}%, bound +{g['max_error_increase']:g}%), "
                 f"{g['agreement']:.2%} of rows within 1%")
+    how = quant["method"] + (f" {quant['int8_format']}" if "int8_format" in quant else "")
+    kept = [layer["module"] or layer["node"] for layer in quant.get("kept_float") or []]
+    if kept:
+        cost += f"; kept in float32: {', '.join(kept)}"
     return (f"{quant['variant']:<12}{quant['file']}  {size[quant['variant']] / 1024:.0f} KiB "
-            f"({size['ratio']:.2f}x float32), {quant['method']}: {cost}")
+            f"({size['ratio']:.2f}x float32), {how}: {cost}")

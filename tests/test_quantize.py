@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import PRODUCT, REPO, predictor, train, write_image_set
+from conftest import PRODUCT, REPO, one_error_line, predictor, train, write_image_set
 
 import t2d
 from export.main import main
@@ -118,9 +118,9 @@ def test_int8_static_classifier_passes_and_writes_its_numbers(runs, tmp_path, ca
     assert contract["variant"] == "int8"
     assert report["size_bytes"]["int8"] == (out / "model.int8.onnx").stat().st_size
     printed = capsys.readouterr().out
-    assert "int8 " in printed and "static: test accuracy 100.00% vs 100.00% float32" in printed
+    assert "int8 " in printed and "static portable: test accuracy 100.00% vs 100.00% float32" in printed
     assert sorted(p.name for p in out.iterdir()) == ["model.int8.onnx", "model.onnx", "parity.json",
-                                                     "quantization.json"]
+                                                     "quantization.json", "selfcheck.npz"]
 
 
 def test_int8_dynamic_regression_passes(runs, tmp_path):
@@ -183,7 +183,7 @@ def test_gate_refuses_a_model_int8_destroys(runs, tmp_path, capsys, arch):
     out = tmp_path / "export"
     extra = image_args(runs) if arch == "cnn" else []
     assert main(["--checkpoint", str(path), "--out", str(out), "--no-register", *QUICK, *extra,
-                 "--quantize", "int8"]) == 1
+                 "--quantize", "int8", "--no-int8-fallback"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: int8 model refused: test "), err
     assert err.rstrip().endswith("nothing registered (details in quantization.json)")
@@ -204,7 +204,8 @@ def test_the_bound_is_the_users(runs, tmp_path):
     """The same fragile product model passes when the user allows what it loses, and not below that."""
     path = edited(runs / "product" / "best.pt", tmp_path / "fragile.pt", outlier_product_unit)
     out = tmp_path / "export"
-    args = ["--checkpoint", str(path), "--out", str(out), "--no-register", *QUICK, "--quantize", "int8"]
+    args = ["--checkpoint", str(path), "--out", str(out), "--no-register", *QUICK, "--quantize", "int8",
+            "--no-int8-fallback"]
     assert main([*args, "--max-error-increase", "1e6"]) == 0
     increase = json.loads((out / "quantization.json").read_text())["gate"]["error_increase"]
     assert increase > 10
@@ -270,8 +271,12 @@ def test_export_calibrates_on_train_and_measures_on_test(user_task, tmp_path):
     assert report["passed"] and report["method"] == "static" and report["eval_data"]["samples"] == 150
     splits = [s for s, _ in user_task.ACCESS]
     first, last = splits.index("train"), len(splits) - 1 - splits[::-1].index("train")
-    # One block of training reads (the 64 calibration samples) between parity's and the gate's test reads.
-    assert splits[first:last + 1] == ["train"] * 64 and splits.count("train") == 64
+    # One block of training reads between parity's and the gate's test reads: the 64 calibration samples, then
+    # the per-layer selection's validation sample (the other 336 training samples: at most 1024).
+    assert splits[first:last + 1] == ["train"] * 400 and splits.count("train") == 400
+    calibration = torch.randperm(400, generator=torch.Generator().manual_seed(CALIBRATION_SEED))[:64].sort().values
+    assert [i for _, i in user_task.ACCESS[first:first + 64]] == calibration.tolist()
+    assert sorted(i for _, i in user_task.ACCESS[first + 64:last + 1]) == sorted(set(range(400)) - set(calibration.tolist()))
     assert set(splits[:first]) == {"test"} and splits[last + 1:] == ["test"] * 150
 
 
@@ -291,7 +296,8 @@ def test_registers_float_and_variant_with_numbers(runs, tmp_path, arch, variant)
     f32, q = entries["fp32"], entries[variant]
     assert f"registered  {f32['tag']} (fp32)" in done.stdout and f"registered  {q['tag']} ({variant})" in done.stdout
     assert q["tag"].split(":")[0] == f32["tag"].split(":")[0] == ("fashion-mnist" if arch == "cnn" else "product")
-    assert q["files"] == ["contract.json", "model.onnx", "model.yaml", "parity.json", "quantization.json"]
+    assert q["files"] == ["contract.json", "model.onnx", "model.yaml", "parity.json", "quantization.json",
+                          "selfcheck.npz"]
     meta = q["metadata"]
     report = json.loads((tmp_path / "export" / "quantization.json").read_text())
     assert meta["variant"] == variant and meta["float_model"] == f32["tag"] and meta["parity"]["passed"]
@@ -317,7 +323,7 @@ def test_refused_variant_registers_nothing(runs, tmp_path):
     home = tmp_path / "bentoml"
     path = edited(runs / "cnn" / "best.pt", tmp_path / "fragile.pt", outlier_cnn_channel)
     done = export_cli(["--checkpoint", str(path), "--out", str(tmp_path / "export"), *QUICK, *image_args(runs),
-                       "--quantize", "int8"], home)
+                       "--quantize", "int8", "--no-int8-fallback"], home)
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: int8 model refused: test accuracy"), done.stderr
@@ -352,3 +358,120 @@ def test_missing_data_to_measure_is_a_user_error(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--quantize needs task fashion-mnist's data to calibrate" in err, err
     assert not (tmp_path / "out" / "model.int8.onnx").exists()
+
+
+# --- the int8 format, and the per-layer fallback --------------------------------------------------------------
+
+def dead_unit_feeds_a_huge_weight(first_w, first_b, second_w):
+    """An edit that keeps the float function but that int8 cannot hold in one layer: unit 0 of a hidden layer never
+    fires (weights scaled down 100 times, bias -10: ReLU gives 0), and the next layer weighs it 1,000 in every output
+    channel, so each channel's int8 scale must cover 1,000 and rounds the channel's real weights (about 0.1-1) to
+    zero. (All-zero weights would not do: a channel of zeros has no int8 scale, which breaks that layer too.)"""
+    def edit(sd):
+        sd[first_w][0] *= 0.01
+        sd[first_b][0] = -10
+        sd[second_w][:, 0] = 1e3
+    return edit
+
+
+# The layer that holds the huge weights, and how to make it: the product MLP's second Linear, the CNN's second conv
+# (the first block's BatchNorm turns channel 0 off).
+FRAGILE_LAYER = {
+    "product": ("net.layers.2", dead_unit_feeds_a_huge_weight("net.layers.0.weight", "net.layers.0.bias",
+                                                              "net.layers.2.weight")),
+    "cnn": ("net.features.1.0", dead_unit_feeds_a_huge_weight("net.features.0.1.weight", "net.features.0.1.bias",
+                                                              "net.features.1.0.weight")),
+}
+
+
+@pytest.mark.parametrize("arch", ["product", "cnn"])
+def test_fallback_keeps_exactly_the_fragile_layer_in_float(runs, tmp_path, arch):
+    """A model whose one layer int8 cannot hold passes once that layer stays float32, and the selection keeps that
+    layer and no other; without the fallback the gate refuses it."""
+    layer, edit = FRAGILE_LAYER[arch]
+    path = edited(runs / arch / "best.pt", tmp_path / "fragile.pt", edit)
+    extra = image_args(runs) if arch == "cnn" else []
+    args = ["--checkpoint", str(path), "--no-register", *QUICK, *extra, "--quantize", "int8"]
+    assert main([*args, "--out", str(tmp_path / "off"), "--no-int8-fallback"]) == 1  # int8 throughout: refused
+    out = tmp_path / "export"
+    assert main([*args, "--out", str(out)]) == 0
+    report = json.loads((out / "quantization.json").read_text())
+    assert report["passed"]
+    assert [(k["module"], k["why"].split(":")[0]) for k in report["kept_float"]] == [(layer, "selected on validation")]
+    trials = report["selection"]["trials"]
+    assert trials[0]["kept_float"] == [] and not trials[0]["passed"]  # all int8 missed the bound on validation
+    assert report["selection"]["validation"]["split"] == "train"
+    # The kept layer is float in the graph: its weight is a float initializer, the others' are int8.
+    kinds = {}
+    for t in onnx.load(str(out / "model.int8.onnx")).graph.initializer:
+        if ".weight" in t.name and "bias" not in t.name and not t.name.endswith(("_scale", "_zero_point")):
+            kinds.setdefault(t.name.split(".weight")[0], set()).add(t.data_type)
+    assert kinds.pop(layer) == {onnx.TensorProto.FLOAT}
+    assert kinds and all(k <= {onnx.TensorProto.INT8, onnx.TensorProto.UINT8} for k in kinds.values()), kinds
+
+
+def test_keep_float_pins_a_layer_by_hand_and_refuses_unknown_names(runs, tmp_path, capsys):
+    out = tmp_path / "export"
+    args = ["--checkpoint", str(runs / "product" / "best.pt"), "--out", str(out), "--no-register", *QUICK,
+            "--quantize", "int8"]
+    assert main([*args, "--keep-float", "net.layers.0"]) == 0
+    report = json.loads((out / "quantization.json").read_text())
+    assert [(k["module"], k["why"]) for k in report["kept_float"]] == [("net.layers.0", "--keep-float")]
+    assert [layer["module"] for layer in report["layers"]] == ["net.layers.0", "net.layers.2", "net.layers.4"]
+    ops = {n.name: n.op_type for n in onnx.load(str(out / "model.int8.onnx")).graph.node}
+    assert "MatMulInteger" not in {ops.get(f"{report['kept_float'][0]['node']}_MatMul"),
+                                   ops.get(report["kept_float"][0]["node"])}
+    assert sum(op == "MatMulInteger" for op in ops.values()) == 2  # the other two layers are int8
+    capsys.readouterr()
+    assert main([*args, "--keep-float", "net.nope"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--keep-float net.nope: no quantizable layer" in line and "net.layers.2" in line
+
+
+def test_selection_reads_the_training_split_only(user_task, tmp_path):
+    """A user's task whose test split raises when read: calibration and the whole per-layer selection still run
+    (they read the training split); only the gate, afterwards, reads the test split."""
+    from export.quantize import QuantizeOptions, _int8
+
+    train(["--task", "recorded_task:TASK"], tmp_path / "run")
+
+    edit = dead_unit_feeds_a_huge_weight("net.fc1.weight", "net.fc1.bias", "net.fc2.weight")
+    path = edited(tmp_path / "run" / "best.pt", tmp_path / "fragile.pt", edit)
+    ckpt = load_checkpoint(path, task=user_task.TASK)
+    out = tmp_path / "export"
+    assert main(["--task", "recorded_task:TASK", "--checkpoint", str(path), "--out", str(out), "--no-register",
+                 *QUICK]) == 0  # the float model
+    user_task.FORBID_TEST = True
+    del user_task.ACCESS[:]
+    model, details = _int8(user_task.TASK, ckpt, out / "model.onnx", out, QuantizeOptions("int8"), None, "scores")
+    assert [k["module"] for k in details["kept_float"]] == ["net.fc2"]
+    assert {s for s, _ in user_task.ACCESS} == {"train"}
+
+
+def test_vnni_format_is_opt_in_and_recorded(runs, tmp_path):
+    """portable (7-bit weights) by default; --int8-format vnni keeps full int8 weights and says it needs VNNI.
+    quantization.json names the CPU and the latency of both models on it."""
+    from t2d.cpu import cpu_info
+
+    reports = {}
+    for fmt in ("portable", "vnni"):
+        out = tmp_path / fmt
+        code = main(["--checkpoint", str(runs / "cnn" / "best.pt"), "--out", str(out), "--no-register", *QUICK,
+                     *image_args(runs), "--quantize", "int8", "--int8-format", fmt, "--no-int8-fallback"])
+        reports[fmt] = json.loads((out / "quantization.json").read_text())
+        assert code == 0 or fmt == "vnni"  # full 8-bit weights may fail the gate on a CPU without VNNI
+    portable, vnni = reports["portable"], reports["vnni"]
+    assert portable["int8_format"] == "portable" and not portable["requires_vnni"] and "reduce_range" in portable["weights"]
+    assert vnni["int8_format"] == "vnni" and vnni["requires_vnni"] and "reduce_range" not in vnni["weights"]
+    assert portable["cpu"] == cpu_info() and portable["cpu"]["model"]
+    assert [lat["batch"] for lat in portable["latency"]] == [1, 300]
+    assert all(lat["float32_ms"] > 0 and lat["quantized_ms"] > 0 and lat["calls"] >= 3 for lat in portable["latency"])
+    weights = [numpy_weights(tmp_path / fmt / "model.int8.onnx") for fmt in ("portable", "vnni")]
+    assert max(np.abs(w).max() for w in weights[0]) <= 64 < max(np.abs(w).max() for w in weights[1])
+
+
+def numpy_weights(path):
+    from onnx import numpy_helper
+
+    return [numpy_helper.to_array(t).astype(np.int32) for t in onnx.load(str(path)).graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
