@@ -54,7 +54,9 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import uses_external_data
 
 from serve.contract import Signature, TensorSpec, check_graph, signature_of, trial_inputs
-from t2d.files import first_line  # torch-free: the one one-line-error helper of train, export and serve
+from t2d import selfcheck  # torch-free, as t2d.cpu and t2d.files
+from t2d.cpu import cpu_info, describe
+from t2d.files import first_line  # the one one-line-error helper of train, export and serve
 
 # Under "bentoml": the server configures that logger at INFO with its handler; the root logger shows warnings only.
 logger = logging.getLogger("bentoml.train_to_deploy")
@@ -316,11 +318,37 @@ def open_model(tag: str) -> OnnxModel:
             if out.shape != (2, *spec.sample_shape) or out.dtype != spec.np_dtype:
                 raise ValueError(f"a batch of 2 gave output {spec.name!r} of shape {list(out.shape)} and dtype "
                                  f"{out.dtype}, expected {[2, *spec.sample_shape]} and {spec.dtype}")
+        check_variant(model, entry)
+    except ModelError:
+        raise
     except Exception as e:  # anything wrong with the files is the same problem for the client: re-export
         raise ModelError(f"model {tag} in the model store cannot be served (its files are broken or do not match "
                          f"the contract; the server log says why); export it again: {how_to(tag.split(':')[0])}",
                          detail=first_line(e, 300)) from None
     return model
+
+
+def check_variant(model: OnnxModel, entry: bentoml.Model) -> None:
+    """A quantized variant must give, on this CPU, the answers it gave where it was exported: run it on its stored
+    self-check rows (`t2d.selfcheck`) and refuse it (ModelError) when it agrees less with the float model."""
+    if model.variant == "fp32":
+        return
+    path = entry.path_of(selfcheck.FILE)
+    if not os.path.lexists(path):  # exported before variants carried one: nothing to check against
+        logger.warning("model %s (%s) has no %s, so it is served unchecked on %s; export it again to have it "
+                       "checked", model.tag, model.variant, selfcheck.FILE, describe())
+        return
+    meta, feeds, reference = selfcheck.read(read_plain_file(path))
+    (got,) = model.run_named(feeds, [meta["output"]])
+    try:
+        here = selfcheck.check(meta, reference, got, cpu_info())
+    except selfcheck.SelfCheckError as e:
+        name = model.name
+        raise ModelError(f"model {model.tag} ({model.variant}) is not served: it failed its self-check on this CPU "
+                         f"(the server log says why); serve the float model with {PINS_ENV}={name}@fp32, or export "
+                         f"the variant again in the portable int8 format", detail=f"self-check: {e}") from None
+    logger.info("model %s (%s) passed its self-check on %s: %.1f%% agreement with the float model (export "
+                "measured %.1f%%)", model.tag, model.variant, describe(), 100 * here, 100 * meta["agreement"])
 
 
 # --- everything, once per worker -----------------------------------------------------------------

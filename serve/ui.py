@@ -72,7 +72,8 @@ def _from_store(tag: str, plots: dict[tuple[str, str], bytes]) -> dict[str, Any]
         except (OSError, ValueError) as e:
             logger.warning("/ui: plot %s of %s not shown: %s", file, tag, e)
     card = {k: meta.get(k) for k in ("task", "arch", "parameters", "epoch", "train_seconds", "training_metrics",
-                                     "test_metrics", "parity", "checkpoint_sha256", "versions", "formats")}
+                                     "test_metrics", "parity", "checkpoint_sha256", "versions", "formats", "variant",
+                                     "quantization")}
     card["kind"] = entry.info.labels.get("kind")
     card["created"] = entry.info.creation_time.astimezone(timezone.utc).isoformat(timespec="seconds")
     card["plots"] = [f"/ui/plots/{name}/{file}" for file in shown]

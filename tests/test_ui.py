@@ -36,6 +36,11 @@ def store(tmp_path_factory) -> Path:
         assert run.returncode == 0, run.stderr[-3000:]
         export = export_cli(["--task", f"{module}:{name}", "--checkpoint", f"runs/{name}/best.pt"], home)
         assert export.returncode == 0, export.stderr[-3000:]
+    # The image task's served entry is an int8 variant with one layer pinned in float32 (a loose bound: the card's
+    # facts are under test here, the gate in test_quantize.py).
+    export = export_cli(["--task", f"{module}:IMG", "--checkpoint", "runs/IMG/best.pt", "--quantize", "int8",
+                         "--keep-float", "net.fc", "--max-accuracy-drop", "100"], home)
+    assert export.returncode == 0, export.stderr[-3000:]
     return home
 
 
@@ -98,6 +103,19 @@ def close_to(shown: str, value: float, digits: int) -> bool:
 
 
 # --- the cards ---------------------------------------------------------------------------------------
+
+def test_a_quantized_card_says_which_layers_stayed_float_and_why(browser, server, entries):
+    meta = entries["tiny-images"]["meta"]
+    q = meta["quantization"]
+    assert meta["variant"] == "int8" and q["kept_float"][0]["module"] == "net.fc"
+    page = open_ui(browser, server)
+    box = card(page, "tiny-images").locator(".quantization")
+    assert box.is_visible()
+    note = box.locator(".quant-note").inner_text()
+    assert note.startswith("int8, static portable: test accuracy") and q["cpu"]["model"] in note
+    assert box.locator("li[data-layer='net.fc']").inner_text() == "net.fc (Gemm) stays float32: --keep-float"
+    assert not card(page, "product").locator(".quantization").is_visible()  # a float model has no such section
+
 
 def test_each_card_shows_what_the_model_store_holds(browser, server, entries, artifacts):
     page = open_ui(browser, server)

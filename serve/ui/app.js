@@ -81,6 +81,25 @@ function card(m) {
       el("td", { text: sci(worst.max_rel_err) })));
   }
 
+  const q = m.quantization;
+  if (q) {
+    const box = $(node, ".quantization");
+    box.hidden = false;
+    const g = q.gate || {};
+    const cost = g.accuracy_drop != null
+      ? `test accuracy ${num(g.quantized_accuracy)}% vs ${num(g.float_accuracy)}% float32`
+      : `test MRE ${num(g.quantized_mre)}% vs ${num(g.float_mre)}% float32`;
+    $(box, ".quant-note").textContent = `${m.variant}, ${q.method}` + (q.int8_format ? ` ${q.int8_format}` : "") +
+      (q.requires_vnni ? " (needs a CPU with VNNI)" : "") + `: ${cost}` +
+      (q.cpu ? `; measured on ${q.cpu.model} (${q.cpu.flags.join(", ") || "no flags read"})` : "");
+    const kept = q.kept_float || [];
+    for (const layer of kept) {
+      $(box, ".kept-float").append(el("li", { "data-layer": layer.module || layer.node,
+        text: `${layer.module || layer.node} (${layer.op}) stays float32: ${layer.why}` }));
+    }
+    if (q.int8_format && !kept.length) $(box, ".kept-float").append(el("li", { text: "every layer is int8" }));
+  }
+
   const contract = m.contract || {};
   for (const [side, list] of [["in", contract.inputs || []], ["out", contract.outputs || []]]) {
     for (const t of list) {
