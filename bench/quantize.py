@@ -4,8 +4,10 @@
     python bench/quantize.py runs/fmnist_cnn/best.pt --profile      # + time per op type, each model
     python bench/quantize.py runs/product/best.pt --explore         # + the int8 options export did not pick
 
-For each checkpoint: `python -m export --quantize int8` and `--quantize fp16` (parity and the gate
-included, nothing registered) into a temporary folder; the gate's numbers come from quantization.json.
+For each checkpoint: `python -m export --quantize int8` in both int8 formats (portable, the default, and
+vnni) and `--quantize fp16` (parity and the gate included, nothing registered) into a temporary folder;
+the gate's numbers come from quantization.json. The CPU (model and the flags that matter: AVX2, AVX-512,
+VNNI, AMX) is printed first: int8 speed and, for the vnni format, int8 answers depend on it.
 Latency: one onnxruntime session per model, all with the same intra-op threads; rounds alternate
 between the models (float32, int8, fp16, float32, ...) so that load from other processes on a shared
 machine falls on all of them alike; each round times `--calls` calls per model; the figure is the
@@ -37,6 +39,7 @@ from export.main import main as export_main  # noqa: E402
 from export.quantize import _Calibration, calibration_inputs, fold_batchnorm_through_maxpool, measure, predict, \
     session, held_out_data  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
+from t2d.cpu import describe as describe_cpu  # noqa: E402
 
 
 def export(checkpoint: Path, out: Path, variant: str, extra: list[str]) -> dict:
@@ -95,7 +98,8 @@ def explore(checkpoint: Path, float_file: Path, tmp: Path, threads: int) -> None
         quantize_dynamic, quantize_static
 
     task, ckpt = _task_ckpt(checkpoint)
-    x, y, _ = held_out_data(task, ckpt, None)
+    test = held_out_data(task, ckpt, None)
+    x, y = test.feeds[task.input.name], test.y
     ref = predict(session(float_file), x, 1024)
     pre, folded = tmp / "pre.onnx", tmp / "folded.onnx"
     model = onnx.load(str(float_file))
@@ -106,11 +110,18 @@ def explore(checkpoint: Path, float_file: Path, tmp: Path, threads: int) -> None
     quant_pre_process(str(float_file), str(plain))
     name = task.input.name
     options = {
-        "dynamic, per-tensor": dict(kind="dynamic", per_channel=False),
-        "dynamic, per-channel": dict(kind="dynamic", per_channel=True),
+        "dynamic U8S8, per-tensor": dict(kind="dynamic", per_channel=False),
+        "dynamic U8S8, per-channel (vnni)": dict(kind="dynamic", per_channel=True),
+        "dynamic U8S8, per-channel, reduce_range": dict(kind="dynamic", per_channel=True, rr=True),
+        "dynamic U8U8, per-channel (portable)": dict(kind="dynamic", per_channel=True, weight=QuantType.QUInt8),
         "static S8S8, per-channel, 512 calib, BatchNorm not folded": dict(kind="static", per_channel=True,
                                                                           act=QuantType.QInt8, n=512, nofold=True),
-        "static S8S8, per-channel, 512 calib": dict(kind="static", per_channel=True, act=QuantType.QInt8, n=512),
+        "static S8S8, per-channel, 512 calib (vnni)": dict(kind="static", per_channel=True, act=QuantType.QInt8,
+                                                           n=512),
+        "static S8S8, per-channel, 512 calib, reduce_range (portable)": dict(kind="static", per_channel=True,
+                                                                             act=QuantType.QInt8, n=512, rr=True),
+        "static U8U8, per-channel, 512 calib": dict(kind="static", per_channel=True, act=QuantType.QUInt8,
+                                                    weight=QuantType.QUInt8, n=512),
         "static S8S8, per-tensor, 512 calib": dict(kind="static", per_channel=False, act=QuantType.QInt8, n=512),
         "static U8S8, per-channel, 512 calib": dict(kind="static", per_channel=True, act=QuantType.QUInt8, n=512),
         "static S8S8, per-channel, 128 calib": dict(kind="static", per_channel=True, act=QuantType.QInt8, n=128),
@@ -121,13 +132,14 @@ def explore(checkpoint: Path, float_file: Path, tmp: Path, threads: int) -> None
     print(f"  explore ({len(x)} test samples; float32 {describe(task.kind, measure(task.kind, y, ref, ref), 'float')})")
     for label, o in options.items():
         path = tmp / "explore.onnx"
+        weight, rr = o.get("weight", QuantType.QInt8), o.get("rr", False)
         if o["kind"] == "dynamic":
-            quantize_dynamic(str(pre), str(path), weight_type=QuantType.QInt8, per_channel=o["per_channel"])
+            quantize_dynamic(str(pre), str(path), weight_type=weight, per_channel=o["per_channel"], reduce_range=rr)
         else:
             calib, _ = calibration_inputs(task, ckpt, o["n"], None)
-            quantize_static(str(plain if o.get("nofold") else pre), str(path), _Calibration(name, calib),
+            quantize_static(str(plain if o.get("nofold") else pre), str(path), _Calibration({name: calib}),
                             quant_format=QuantFormat.QDQ, per_channel=o["per_channel"], activation_type=o["act"],
-                            weight_type=QuantType.QInt8,
+                            weight_type=weight, reduce_range=rr,
                             calibrate_method=o.get("method", CalibrationMethod.MinMax))
         s = session(path, threads)
         t = timings({"float32": session(float_file, threads), "option": s}, np.ascontiguousarray(x[:1024]), 4, 5)
@@ -148,9 +160,12 @@ def describe(kind: str, m: dict, which: str) -> str:
 def bench(checkpoint: Path, a, threads: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        reports = {v: export(checkpoint, tmp / v, v, a.export_args) for v in ("int8", "fp16")}
+        reports = {"int8": export(checkpoint, tmp / "int8", "int8", a.export_args),
+                   "int8-vnni": export(checkpoint, tmp / "int8-vnni", "int8", ["--int8-format", "vnni",
+                                                                                *a.export_args]),
+                   "fp16": export(checkpoint, tmp / "fp16", "fp16", a.export_args)}
         files = {"float32": tmp / "int8" / "model.onnx", "int8": tmp / "int8" / "model.int8.onnx",
-                 "fp16": tmp / "fp16" / "model.fp16.onnx"}
+                 "int8-vnni": tmp / "int8-vnni" / "model.int8.onnx", "fp16": tmp / "fp16" / "model.fp16.onnx"}
         print(f"\n{checkpoint}")
         for v, r in reports.items():
             g = r["gate"]
@@ -159,12 +174,15 @@ def bench(checkpoint: Path, a, threads: int) -> None:
                     if "accuracy_drop" in g else
                     f"MRE {g['float_mre']:.4f}% -> {g['quantized_mre']:.4f}% ({g['error_increase']:+.1f}%), "
                     f"rows within 1% {g['agreement']:.2%}, max rel diff {g['max_rel_diff']:.3g}")
+            kept = [k["module"] or k["node"] for k in r.get("kept_float") or []]
+            cost += f", kept float32: {', '.join(kept)}" if kept else ""
             print(f"  {v}: {r['method']}, gate {'passed' if r['passed'] else 'REFUSED'} (exit {r['exit']}) on "
                   f"{r['eval_data']['samples']} test samples at batch {g['batch']}: {cost}")
         for k, f in files.items():
             print(f"  {k:<8} {f.stat().st_size:>9,} bytes  x{f.stat().st_size / files['float32'].stat().st_size:.3f}")
         sessions = {k: session(f, threads) for k, f in files.items()}
-        x_all, _, _ = held_out_data(*_task_ckpt(checkpoint), None)
+        task, ckpt = _task_ckpt(checkpoint)
+        x_all = held_out_data(task, ckpt, None).feeds[task.input.name]
         for batch in (1, 1024):
             x = np.ascontiguousarray(x_all[:batch])
             calls = a.calls if batch > 1 else a.calls * 20
@@ -207,6 +225,7 @@ def main() -> None:
     a = p.parse_args()
     print(f"onnxruntime {ort.__version__}, {a.threads} intra-op threads, {os.cpu_count()} cores, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"CPU: {describe_cpu()}")
     for checkpoint in a.checkpoints:
         bench(checkpoint, a, a.threads)
 
