@@ -174,11 +174,11 @@ def write_artifacts(opts: ExportOptions) -> Exported:
     files = {}
     if "onnx" in opts.formats:
         files["onnx"] = out / ONNX_FILE
-        write_onnx(module, contract, files["onnx"], onnx_metadata(contract, {
+        write_onnx(module, task, contract, files["onnx"], onnx_metadata(contract, {
             "task": ckpt["task"], "checkpoint_sha256": sha256(opts.checkpoint)}))
     if "torchscript" in opts.formats:
         files["torchscript"] = out / TORCHSCRIPT_FILE
-        write_torchscript(module, contract, files["torchscript"])
+        write_torchscript(module, task, files["torchscript"])
     return Exported(task, ckpt, module, contract, files, out)
 
 
@@ -210,7 +210,8 @@ def verify_and_register(exp: Exported, opts: ExportOptions) -> tuple[dict[str, A
 def verify(exp: Exported, opts: ExportOptions) -> dict[str, Any]:
     """The parity report (also written to parity.json); ParityError unless it passed."""
     inputs = parity.held_out_inputs(exp.task, exp.ckpt, max(opts.batch_sizes), opts.data_dir)
-    report = parity.check(exp.module, exp.contract, exp.files, inputs, opts.batch_sizes, opts.atol, opts.rtol)
+    report = parity.check(exp.module, exp.contract, exp.files, inputs, opts.batch_sizes, opts.atol, opts.rtol,
+                          exp.task)
     report["checkpoint"] = str(opts.checkpoint)
     write_json(exp.out / PARITY_FILE, report)
     if not report["passed"]:

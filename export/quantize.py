@@ -115,7 +115,7 @@ def _splits(task: t2d.Task, ckpt: dict[str, Any], data_dir: str | None, why: str
                                 f"{first_line(e)[:200]} (pass --data-dir)") from None
 
 
-def _checked(task: t2d.Task, split: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _checked(task: t2d.Task, split: Any, name: str) -> tuple[Any, torch.Tensor]:
     """(x, y) as training checks them; a malformed split is the user's one-line error, as in training."""
     try:
         return split_tensors(task, split, name)
@@ -139,7 +139,7 @@ class Sample:
 
 def _sample(task: t2d.Task, split: Any, pick: torch.Tensor, name: str, source: str) -> Sample:
     x, y = _checked(task, _rows(split, pick), name)
-    return Sample({task.input.name: x.numpy()}, y.numpy(), source)
+    return Sample(x.feeds(task), y.numpy(), source)
 
 
 def training_samples(task: t2d.Task, ckpt: dict[str, Any], calibration_n: int, validation_n: int,
@@ -168,7 +168,8 @@ def training_samples(task: t2d.Task, ckpt: dict[str, Any], calibration_n: int, v
 
 def calibration_inputs(task: t2d.Task, ckpt: dict[str, Any], n: int, data_dir: str | None,
                        seed: int = CALIBRATION_SEED) -> tuple[np.ndarray, str]:
-    """n raw inputs drawn (seeded, without replacement) from the task's training split, and a description."""
+    """n raw inputs of the (first) input drawn (seeded, without replacement) from the task's training split, and a
+    description."""
     sample, _ = training_samples(task, ckpt, n, 0, data_dir, seed)
     return sample.feeds[task.input.name], sample.source
 
@@ -176,7 +177,7 @@ def calibration_inputs(task: t2d.Task, ckpt: dict[str, Any], n: int, data_dir: s
 def held_out_data(task: t2d.Task, ckpt: dict[str, Any], data_dir: str | None) -> Sample:
     """The task's whole test split."""
     x, y = _checked(task, _splits(task, ckpt, data_dir, "measure the quantized model").test, "test")
-    return Sample({task.input.name: x.numpy()}, y.numpy(), f"the whole test split of task {task.name} ({len(x)} samples)")
+    return Sample(x.feeds(task), y.numpy(), f"the whole test split of task {task.name} ({len(x)} samples)")
 
 
 # --- writing the quantized file -------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ Keys (all plain Python types or tensors, so `torch.load(..., weights_only=True)`
                            (never imported because a checkpoint names it: `python -m export` asks for --task)
   arch, model_config       with the task, everything needed to rebuild the network
   state_dict               weights of the whole `Predictor`, normalization buffers included
-  normalization            the same statistics as plain lists, for people and for serving
-  input_shape, classes     what one input sample is and what the outputs mean
+  normalization            the same statistics as plain lists, for people ({"inputs": {name: ...}, "target"})
+  inputs, classes          each input's name, dtype and shape (None for a size that varies), the class names
   metrics, epoch           validation metrics of this epoch (1-based count of epochs done)
   config                   the resolved run config
   resume                   optimizer, scheduler, grad-scaler and early-stopping state (train only);
@@ -28,7 +28,8 @@ from t2d.files import atomic_write, first_line  # noqa: F401 (first_line: import
 
 FORMAT = "train-to-deploy/checkpoint"
 # 2: networks sized by their task (no in_features / num_classes in model_config), image pixels in [0, 1].
-FORMAT_VERSION = 2
+# 3: several inputs: one standardizer per float input, `input_norms.<position>.*` (was `input_norm.*`).
+FORMAT_VERSION = 3
 REQUIRED = ("task", "arch", "model_config", "state_dict", "epoch")
 V1_IMAGE_ARCHS = ("mlp", "cnn")  # version 1 trained these on pixels 0..255
 
@@ -87,6 +88,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint {path} has no valid task name or model_config")
     if version < 2:
         _upgrade_v1(ckpt)
+    if version < 3:
+        _upgrade_v2(ckpt)
     if task is None:
         import t2d
 
@@ -109,6 +112,14 @@ def _upgrade_v1(ckpt: dict[str, Any]) -> None:
         if isinstance(norm, dict):
             ckpt["normalization"]["input"] = {k: [v / 255.0 for v in vs] if isinstance(vs, list) else vs
                                               for k, vs in norm.items()}
+
+
+def _upgrade_v2(ckpt: dict[str, Any]) -> None:
+    """A version-1 or -2 checkpoint's one input standardizer under the name version 3 gives the first input's."""
+    sd = ckpt.get("state_dict")
+    if isinstance(sd, dict):
+        ckpt["state_dict"] = {("input_norms.0." + k[len("input_norm."):] if isinstance(k, str) and
+                               k.startswith("input_norm.") else k): v for k, v in sd.items()}
 
 
 def validate_checkpoint(ckpt: dict[str, Any], task, name: str = "checkpoint") -> None:

@@ -1,6 +1,6 @@
 """train-to-deploy's public task API. See `t2d.task` and examples/.
 
-    from t2d import DataOptions, Input, Model, Output, Splits, Task
+    from t2d import DataOptions, Input, Model, Output, Splits, Task, Tokenizer
 
 The names are imported on first use (PEP 562), so that `t2d.files`, which the server uses, loads
 without torch: the server imports neither torch nor a task.
@@ -15,11 +15,14 @@ if TYPE_CHECKING:
     from t2d.task import Task
 
 _TASK_API = ("DataOptions", "Input", "Model", "Output", "Splits", "Task")
+_TEXT_API = ("Tokenizer",)
 
 
 def __getattr__(name: str):
     if name in _TASK_API:
         return getattr(importlib.import_module("t2d.task"), name)
+    if name in _TEXT_API:
+        return getattr(importlib.import_module("t2d.text"), name)
     raise AttributeError(f"module 't2d' has no attribute {name!r}")
 
 
@@ -67,5 +70,5 @@ def is_builtin(task: "Task") -> bool:
     return builtin_tasks().get(task.name) is task
 
 
-__all__ = ["DataError", "DataOptions", "Input", "Model", "Output", "Splits", "Task", "TaskError", "is_builtin",
-           "resolve"]
+__all__ = ["DataError", "DataOptions", "Input", "Model", "Output", "Splits", "Task", "TaskError", "Tokenizer",
+           "is_builtin", "resolve"]

@@ -162,8 +162,8 @@ BROKEN = {
                            "does not match its architecture 'product_mlp': unknown model.num_classes"),
     "NaN weight": (lambda g, p: ours(g, p, set_weight(W0, lambda w: w.index_fill(1, torch.tensor([1]), float("nan")))),
                    f"has non-finite weights in {W0}"),
-    "inf statistic": (lambda g, p: ours(g, p, set_weight("input_norm.std", lambda s: s * float("inf"))),
-                      "has non-finite weights in input_norm.std"),
+    "inf statistic": (lambda g, p: ours(g, p, set_weight("input_norms.0.std", lambda s: s * float("inf"))),
+                      "has non-finite weights in input_norms.0.std"),
 }
 
 

@@ -263,6 +263,11 @@ EXPORT_CASES = {  # flag -> [(arguments, what the error line must contain)]
                               (["--calibration-samples", "many"], "--calibration-samples"),
                               (["--calibration-samples", "0"], "--calibration-samples")],
     "--int8-method": [(["--int8-method"], "--int8-method"), (["--int8-method", "fast"], "--int8-method")],
+    "--int8-format": [(["--int8-format"], "--int8-format"), (["--int8-format", "avx2"], "--int8-format")],
+    "--keep-float": [(["--keep-float"], "--keep-float"), (["--keep-float", "net.layers.0"], "add --quantize int8"),
+                     (["--quantize", "int8", "--keep-float", "net.nope"], "--keep-float net.nope: no quantizable")],
+    "--no-int8-fallback": [(["--no-int8-fallback=yes"], "--no-int8-fallback"),
+                           (["--no-int8-fallback"], "add --quantize int8")],
 }
 
 

@@ -306,7 +306,8 @@ def test_task_data_and_batches_are_on_the_gpu(image_dir, task):
     cfg = build_config(task, [{"data": data}])
     d = load_task_data(cfg, torch.device("cuda"))
     for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
-        assert getattr(d, name).is_cuda, name
+        value = getattr(d, name)
+        assert all(t.is_cuda for t in (value.tensors if name.endswith("_x") else [value])), name
     assert all(b.is_cuda for b in batch_order(len(d.train_x), 50, 1, 0, device=torch.device("cuda")))
 
 

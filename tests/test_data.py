@@ -103,16 +103,16 @@ def test_image_data_splits_and_scales_pixels_to_unit_range(tmp_path):
     train_images, train_labels = class_images(60, 1)
     test_images, test_labels = class_images(30, 2)
 
-    assert data.train_x.shape == (45, 1, 28, 28) and data.val_x.shape == (15, 1, 28, 28)
-    assert data.train_x.dtype == torch.float32 and data.train_y.dtype == torch.int64
+    assert data.train_x.tensors[0].shape == (45, 1, 28, 28) and data.val_x.tensors[0].shape == (15, 1, 28, 28)
+    assert data.train_x.tensors[0].dtype == torch.float32 and data.train_y.dtype == torch.int64
     # pixels in [0, 1]: the byte / 255, in training as in the exported graph and on the wire
-    assert torch.equal(data.test_x[:, 0], torch.from_numpy(test_images).float() / 255)
-    assert data.train_x.min() >= 0 and data.train_x.max() <= 1 and data.train_x.max() > 0.7
+    assert torch.equal(data.test_x.tensors[0][:, 0], torch.from_numpy(test_images).float() / 255)
+    assert data.train_x.tensors[0].min() >= 0 and data.train_x.tensors[0].max() <= 1 and data.train_x.tensors[0].max() > 0.7
     assert torch.equal(data.test_y, torch.from_numpy(test_labels).long())
     assert data.classes[0] == "T-shirt/top" and len(data.classes) == 10
 
     # training and validation images partition the 60 training images, labels following their image
-    both_x = (torch.cat([data.train_x, data.val_x])[:, 0] * 255).round().to(torch.uint8).numpy()
+    both_x = (torch.cat([data.train_x.tensors[0], data.val_x.tensors[0]])[:, 0] * 255).round().to(torch.uint8).numpy()
     both_y = torch.cat([data.train_y, data.val_y]).numpy()
     order = sorted(range(60), key=lambda i: both_x[i].tobytes())
     ref = sorted(range(60), key=lambda i: train_images[i].tobytes())
@@ -121,8 +121,8 @@ def test_image_data_splits_and_scales_pixels_to_unit_range(tmp_path):
 
     again = task_data("fashion-mnist", tmp_path, 15, seed=0)
     other = task_data("fashion-mnist", tmp_path, 15, seed=1)
-    assert torch.equal(again.val_x, data.val_x)
-    assert not torch.equal(other.val_x, data.val_x)  # the seed picks the validation images
+    assert torch.equal(again.val_x.tensors[0], data.val_x.tensors[0])
+    assert not torch.equal(other.val_x.tensors[0], data.val_x.tensors[0])  # the seed picks the validation images
 
 
 def test_image_data_rejects_bad_contents(tmp_path):
@@ -144,21 +144,21 @@ def test_image_data_rejects_bad_contents(tmp_path):
 
 def test_product_data_is_the_reference_draw():
     data = task_data("product", size=100, val_size=20, test_size=50, test_seed=123)
-    assert data.train_x.shape == (100, 2) and data.val_x.shape == (20, 2) and data.test_x.shape == (50, 2)
-    for x, y in ((data.train_x, data.train_y), (data.val_x, data.val_y), (data.test_x, data.test_y)):
+    assert data.train_x.tensors[0].shape == (100, 2) and data.val_x.tensors[0].shape == (20, 2) and data.test_x.tensors[0].shape == (50, 2)
+    for x, y in ((data.train_x.tensors[0], data.train_y), (data.val_x.tensors[0], data.val_y), (data.test_x.tensors[0], data.test_y)):
         assert x.min() >= 1 and x.max() < 10
         assert torch.equal(y, (x[:, 0] * x[:, 1]).unsqueeze(1))
     # the reference: torch.manual_seed(123); X1 = 1 + 9 * rand(n); X2 = 1 + 9 * rand(n)
     g = torch.Generator().manual_seed(123)
     x1, x2 = 1 + 9 * torch.rand(50, generator=g), 1 + 9 * torch.rand(50, generator=g)
-    assert torch.equal(data.test_x, torch.stack([x1, x2], 1))
+    assert torch.equal(data.test_x.tensors[0], torch.stack([x1, x2], 1))
     other = task_data("product", size=100, val_size=20, test_size=50, test_seed=123, seed=1)
-    assert torch.equal(other.test_x, data.test_x) and not torch.equal(other.train_x, data.train_x)
+    assert torch.equal(other.test_x.tensors[0], data.test_x.tensors[0]) and not torch.equal(other.train_x.tensors[0], data.train_x.tensors[0])
     # the task's own function, as the trainer calls it: training and validation points are one draw
     splits = product.data(DataOptions(seed=0, size=100, val_size=20, test_size=50))
-    assert torch.equal(splits.train[0], data.train_x) and torch.equal(splits.val[0], data.val_x)
+    assert torch.equal(splits.train[0], data.train_x.tensors[0]) and torch.equal(splits.val[0], data.val_x.tensors[0])
     x, _ = product.points(120, torch.Generator().manual_seed(0))
-    assert torch.equal(x, torch.cat([data.train_x, data.val_x]))
+    assert torch.equal(x, torch.cat([data.train_x.tensors[0], data.val_x.tensors[0]]))
 
 
 def test_batch_order_is_a_seeded_permutation_per_epoch():
@@ -213,7 +213,7 @@ def test_debian_fashion_mnist_is_found_without_configuration(tmp_path, monkeypat
     files = find_idx_files("fashion-mnist", "", download=False)
     assert files["train_images"] == DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz"
     data = task_data("fashion-mnist", "", 5000, seed=0)
-    assert data.train_x.shape == (55000, 1, 28, 28) and data.test_x.shape == (10000, 1, 28, 28)
+    assert data.train_x.tensors[0].shape == (55000, 1, 28, 28) and data.test_x.tensors[0].shape == (10000, 1, 28, 28)
     assert data.classes[0] == "T-shirt/top" and set(data.test_y.tolist()) == set(range(10))
     # A few real steps through the CLI path, with no --data-dir.
     cfg, _ = parse_args(["--task", "fashion-mnist", "--epochs", "1", "--run.max_batches", "20", "--out",

@@ -66,7 +66,7 @@ def test_parity_at_three_batch_sizes(runs, tmp_path, arch, capsys):
         (f, b) for f in ("onnx", "torchscript") for b in (1, 7, 1024))
     for c in report["checks"]:
         assert c["passed"] and c["max_abs_err"] <= 1e-5 + 1e-5 * 1e4, c
-        assert c["shape"][0] == c["batch"]
+        assert c["shape"][0][0] == c["batch"]
     if arch == "product":  # fresh points over the training square, from the task's parity_inputs
         assert report["inputs"] == "1024 inputs from task product's parity_inputs, seed 20261123"
     else:  # real held-out images, not noise
@@ -113,14 +113,14 @@ def test_classifier_contract_takes_unit_pixels(runs, tmp_path):
     with torch.no_grad():
         want = eager(torch.from_numpy(pixels)).numpy()  # training's units: [0, 1]
         # the network sees (pixels - mean) / std with statistics fitted on [0, 1] pixels: nothing else scales them
-        mean, std = ckpt["state_dict"]["input_norm.mean"], ckpt["state_dict"]["input_norm.std"]
+        mean, std = ckpt["state_dict"]["input_norms.0.mean"], ckpt["state_dict"]["input_norms.0.std"]
         assert 0 < mean.item() < 1 and 0 < std.item() < 1
         assert torch.equal(eager.net.eval()((torch.from_numpy(pixels) - mean) / std), torch.from_numpy(want))
     got = session.run(None, {"image": pixels})[0]
     assert got.shape == (5, 10)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     contract = json.loads({p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}["contract"])
-    assert contract["contract_version"] == 2 and contract["kind"] == "classification" and "pixel_scale" not in contract
+    assert contract["contract_version"] == 3 and contract["kind"] == "classification" and "pixel_scale" not in contract
     assert contract["inputs"] == [{"name": "image", "dtype": "float32", "shape": ["batch", 1, 28, 28], "range": [0, 1],
                                    "description": "grayscale pixels in [0, 1]"}]
     assert contract["outputs"][0]["shape"] == ["batch", 10] and contract["variant"] == "fp32"

@@ -178,14 +178,14 @@ def test_predictor_works_in_raw_units():
     torch.manual_seed(0)
     model = build("product_mlp").eval()
     x = 1 + 9 * torch.rand(64, 2)
-    model.input_norm.fit(x)
+    model.input_norms["0"].fit(x)
     model.target_norm.fit((x[:, :1] * x[:, 1:]))
     with torch.no_grad():
-        expected = model.net((x - model.input_norm.mean) / model.input_norm.std) * model.target_norm.std \
+        expected = model.net((x - model.input_norms["0"].mean) / model.input_norms["0"].std) * model.target_norm.std \
             + model.target_norm.mean
         assert torch.equal(model(x), expected)
     # the statistics are buffers, so they travel with the state_dict
-    assert {"input_norm.mean", "input_norm.std", "target_norm.mean", "target_norm.std"} <= set(model.state_dict())
+    assert {"input_norms.0.mean", "input_norms.0.std", "target_norm.mean", "target_norm.std"} <= set(model.state_dict())
 
 
 def _payload(model: models.Predictor, arch: str, config: dict | None = None) -> dict:
@@ -197,12 +197,12 @@ def test_checkpoint_round_trip_rebuilds_the_same_predictor(tmp_path):
     torch.manual_seed(1)
     config = {"hidden": [12, 6], "activation": "gelu", "dropout": 0.0}
     model = build("product_mlp", config).eval()
-    model.input_norm.fit(1 + 9 * torch.rand(50, 2))
+    model.input_norms["0"].fit(1 + 9 * torch.rand(50, 2))
     save_checkpoint(_payload(model, "product_mlp", config), tmp_path / "m.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # the temp file was renamed away
 
     raw = torch.load(tmp_path / "m.pt", weights_only=True)
-    assert raw["format"] == "train-to-deploy/checkpoint" and raw["format_version"] == 2
+    assert raw["format"] == "train-to-deploy/checkpoint" and raw["format_version"] == 3
     rebuilt = predictor_from_checkpoint(load_checkpoint(tmp_path / "m.pt"), PRODUCT)
     assert not rebuilt.training
     x = 1 + 9 * torch.rand(7, 2)
@@ -288,8 +288,9 @@ def test_predictor_from_mismatched_checkpoint_is_a_checkpoint_error():
 def _v1_checkpoint(path, arch: str, task: str, model_config: dict, predictor: models.Predictor,
                    normalization: dict) -> None:
     """A checkpoint as format version 1 wrote it: sizes in model_config, image statistics in 0..255 units."""
+    weights = {k.replace("input_norms.0.", "input_norm."): v for k, v in predictor.state_dict().items()}
     torch.save({"format": "train-to-deploy/checkpoint", "format_version": 1, "task": task, "arch": arch,
-                "model_config": dict(model_config), "state_dict": predictor.state_dict(),
+                "model_config": dict(model_config), "state_dict": weights,
                 "normalization": normalization, "epoch": 2, "metrics": {"loss": 0.3},
                 "config": {"run": {"task": task}, "model": {"arch": arch, **model_config}}}, path)
 
@@ -298,8 +299,8 @@ def test_version_1_image_checkpoint_is_upgraded_to_unit_pixels(tmp_path):
     """Version 1 trained image networks on pixels 0..255: loaded today, the same network answers on pixels / 255."""
     torch.manual_seed(3)
     old = build("mlp", {"hidden": 16}).eval()  # as version 1 used it: statistics in 0..255 units
-    old.input_norm.mean.fill_(33.0)
-    old.input_norm.std.fill_(78.5)
+    old.input_norms["0"].mean.fill_(33.0)
+    old.input_norms["0"].std.fill_(78.5)
     _v1_checkpoint(tmp_path / "v1.pt", "mlp", "mnist", {"hidden": 16, "dropout": 0.0, "num_classes": 10}, old,
                    {"input": {"mean": [33.0], "std": [78.5]}})
 
@@ -307,7 +308,7 @@ def test_version_1_image_checkpoint_is_upgraded_to_unit_pixels(tmp_path):
     assert ckpt["model_config"] == {"hidden": 16, "dropout": 0.0}  # num_classes dropped: the task sizes the net
     assert "num_classes" not in ckpt["config"]["model"]
     assert ckpt["normalization"]["input"] == {"mean": [33.0 / 255], "std": [78.5 / 255]}
-    assert torch.allclose(ckpt["state_dict"]["input_norm.mean"], torch.tensor([33.0 / 255]))
+    assert torch.allclose(ckpt["state_dict"]["input_norms.0.mean"], torch.tensor([33.0 / 255]))
     model = predictor_from_checkpoint(ckpt, MNIST)
     pixels = torch.randint(0, 256, (9, 1, 28, 28)).float()  # what version 1 was fed
     with torch.no_grad():
@@ -322,13 +323,13 @@ def test_version_1_image_checkpoint_is_upgraded_to_unit_pixels(tmp_path):
 def test_version_1_product_checkpoint_keeps_its_statistics(tmp_path):
     torch.manual_seed(4)
     old = build("product_mlp").eval()
-    old.input_norm.fit(1 + 9 * torch.rand(50, 2))
+    old.input_norms["0"].fit(1 + 9 * torch.rand(50, 2))
     _v1_checkpoint(tmp_path / "v1.pt", "product_mlp", "product",
                    {"in_features": 2, "hidden": [16, 8], "activation": "relu", "dropout": 0.0}, old,
-                   {"input": old.input_norm.to_dict()})
+                   {"input": old.input_norms["0"].to_dict()})
     ckpt = load_checkpoint(tmp_path / "v1.pt")
     assert ckpt["model_config"] == {"hidden": [16, 8], "activation": "relu", "dropout": 0.0}
-    assert torch.equal(ckpt["state_dict"]["input_norm.mean"], old.input_norm.mean)  # raw X1, X2: no pixel scaling
+    assert torch.equal(ckpt["state_dict"]["input_norms.0.mean"], old.input_norms["0"].mean)  # raw X1, X2: no pixel scaling
     x = 1 + 9 * torch.rand(5, 2)
     with torch.no_grad():
         assert torch.equal(predictor_from_checkpoint(ckpt, PRODUCT)(x), old(x))

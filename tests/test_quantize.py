@@ -230,7 +230,7 @@ def test_batchnorm_folds_through_maxpool_only_where_exact(tmp_path, negative_cha
     if negative_channel:
         first_bn.weight.data[1] = -0.7
     task = t2d.builtin_tasks()["fashion-mnist"]
-    write_onnx(model, contract_of(task, model), tmp_path / "model.onnx", {})
+    write_onnx(model, task, contract_of(task, model), tmp_path / "model.onnx", {})
     original = onnx.load(str(tmp_path / "model.onnx"))
     folded = onnx.load(str(tmp_path / "model.onnx"))
     assert fold_batchnorm_through_maxpool(folded) == (2 if negative_channel else 3)

@@ -515,7 +515,7 @@ def test_vector_normalization(monkeypatch, tmp_path, normalize):
     task = task_of(input=Input("x", (6,), normalize=normalize), data=spread_data)
     state = trained_stats(monkeypatch, tmp_path, task)
     train_x, train_y = spread_data(None).train
-    mean, std = state["input_norm.mean"], state["input_norm.std"]
+    mean, std = state["input_norms.0.mean"], state["input_norms.0.std"]
     if normalize == "feature":  # one mean and std per feature, of the training split (unbiased std)
         want_mean, want_std = train_x.double().mean(0), train_x.double().std(0)
     elif normalize == "global":  # one for every value
@@ -535,7 +535,7 @@ def test_image_channels_get_their_own_statistics(monkeypatch, tmp_path):
                    models={"cnn": Model(models.CNNConfig, lambda cfg, t: models.CNN(cfg, t.input.shape, t.output.size))})
     state = trained_stats(monkeypatch, tmp_path, task)
     train_x = channel_data(None).train[0].double()
-    mean, std = state["input_norm.mean"], state["input_norm.std"]
+    mean, std = state["input_norms.0.mean"], state["input_norms.0.std"]
     assert mean.shape == std.shape == (3, 1, 1)  # per channel, broadcast over height and width
     torch.testing.assert_close(mean, train_x.mean((0, 2, 3)).reshape(3, 1, 1).float())
     torch.testing.assert_close(std, train_x.std((0, 2, 3)).reshape(3, 1, 1).float())

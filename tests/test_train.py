@@ -75,7 +75,7 @@ def test_image_loss_falls(tmp_path, task, arch, gz, layout):
 # --- the checkpoint is all export and serving need -----------------------------------------------
 
 CHECKPOINT_KEYS = {"format", "format_version", "task", "task_ref", "kind", "arch", "model_config", "state_dict",
-                   "normalization", "input_shape", "classes", "metrics", "epoch", "config", "resume"}
+                   "normalization", "inputs", "classes", "metrics", "epoch", "config", "resume"}
 
 
 def test_product_checkpoint_alone_reproduces_the_test_metrics(tmp_path):
@@ -83,8 +83,8 @@ def test_product_checkpoint_alone_reproduces_the_test_metrics(tmp_path):
     ckpt = torch.load(tmp_path / "best.pt", weights_only=True)  # no pickled code in the file
     assert CHECKPOINT_KEYS <= set(ckpt)
     assert set(ckpt["resume"]) >= {"optimizer", "scheduler", "stopper"}
-    assert ckpt["task"] == "product" and ckpt["arch"] == "product_mlp" and ckpt["input_shape"] == [2]
-    assert ckpt["format_version"] == 2 and ckpt["task_ref"] is None and ckpt["kind"] == "regression"
+    assert ckpt["task"] == "product" and ckpt["arch"] == "product_mlp" and ckpt["inputs"] == [{"name": "x", "dtype": "float32", "shape": [2]}]
+    assert ckpt["format_version"] == 3 and ckpt["task_ref"] is None and ckpt["kind"] == "regression"
     assert ckpt["model_config"] == {"hidden": [12, 6], "activation": "relu", "dropout": 0.0}  # sizes: the task's
     assert ckpt["epoch"] == summary["best_epoch"] and ckpt["metrics"] == summary["val"]
     assert ckpt["config"] == yaml.safe_load((tmp_path / "config.yaml").read_text())
@@ -96,13 +96,13 @@ def test_product_checkpoint_alone_reproduces_the_test_metrics(tmp_path):
     data = task_data("product", size=c["data"]["size"], val_size=c["data"]["val_size"],
                      test_size=c["data"]["test_size"], seed=c["run"]["seed"], test_seed=c["data"]["test_seed"])
     # the statistics are the training split's, and the file carries them both ways
-    assert torch.allclose(model.input_norm.mean, data.train_x.double().mean(0).float())
+    assert torch.allclose(model.input_norms["0"].mean, data.train_x.tensors[0].double().mean(0).float())
     assert torch.allclose(model.target_norm.std, data.train_y.double().std().float().reshape(1))
-    assert ckpt["normalization"]["input"] == {"mean": model.input_norm.mean.tolist(),
-                                              "std": model.input_norm.std.tolist()}
+    assert ckpt["normalization"]["inputs"] == {"x": {"mean": model.input_norms["0"].mean.tolist(),
+                                                     "std": model.input_norms["0"].std.tolist()}}
     assert ckpt["normalization"]["target"]["mean"] == model.target_norm.mean.tolist()
     with torch.no_grad():
-        pred = model(data.test_x).double()  # raw X1, X2 in, raw product out
+        pred = model(*data.test_x.tensors).double()  # raw X1, X2 in, raw product out
     err = pred - data.test_y.double()
     mse, mae = (err ** 2).mean().item(), err.abs().mean().item()
     mre = 100 * (err.abs() / data.test_y.double()).mean().item()
@@ -115,17 +115,17 @@ def test_image_checkpoint_alone_reproduces_the_test_metrics(tmp_path, image_dir)
     summary = train([*image_args(image_dir, "fashion-mnist", "cnn"), "--epochs", "2"], tmp_path)
     ckpt = load_checkpoint(tmp_path / "best.pt")
     assert CHECKPOINT_KEYS <= set(ckpt)
-    assert ckpt["classes"][9] == "Ankle boot" and ckpt["input_shape"] == [1, 28, 28]
+    assert ckpt["classes"][9] == "Ankle boot" and ckpt["inputs"][0]["shape"] == [1, 28, 28]
     assert ckpt["kind"] == "classification" and ckpt["task_ref"] is None
     assert ckpt["model_config"]["channels"] == [8, 8, 8] and "num_classes" not in ckpt["model_config"]
     # one mean and std over all pixels (Input.normalize "global"), fitted on pixels in [0, 1]
-    mean, std = ckpt["state_dict"]["input_norm.mean"], ckpt["state_dict"]["input_norm.std"]
+    mean, std = ckpt["state_dict"]["input_norms.0.mean"], ckpt["state_dict"]["input_norms.0.std"]
     assert mean.shape == std.shape == (1,) and 0 < mean.item() < 1 and 0 < std.item() < 1
     model = predictor_from_checkpoint(ckpt, t2d.builtin_tasks()["fashion-mnist"])
     data = task_data("fashion-mnist", image_dir, 50)
-    assert data.test_x.max() <= 1
+    assert data.test_x.tensors[0].max() <= 1
     with torch.no_grad():
-        logits = model(data.test_x)  # raw pixels in [0, 1] in
+        logits = model(*data.test_x.tensors)  # raw pixels in [0, 1] in
     accuracy = 100 * (logits.argmax(1) == data.test_y).double().mean().item()
     loss = torch.nn.functional.cross_entropy(logits.double(), data.test_y).item()
     assert math.isclose(accuracy, summary["test"]["accuracy"], abs_tol=1e-9)
@@ -342,7 +342,7 @@ def test_label_smoothing_changes_only_the_training_loss(tmp_path, image_dir):
                                       t2d.builtin_tasks()["fashion-mnist"])
     data = task_data("fashion-mnist", image_dir, 50)
     with torch.no_grad():
-        val_loss = F.cross_entropy(model(data.val_x).double(), data.val_y).item()
+        val_loss = F.cross_entropy(model(*data.val_x.tensors).double(), data.val_y).item()
     assert math.isclose(val_loss, smooth["val_loss"], rel_tol=1e-5)
 
 

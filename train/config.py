@@ -281,9 +281,10 @@ class Config:
             raise ConfigError(f"model.arch {self.arch!r} is not a model of task {task.name}; "
                               f"choose one of {', '.join(task.models)}")
         if self.data.crop_padding or self.data.hflip:
-            if not task.input.is_image:
-                raise ConfigError(f"data.crop_padding and data.hflip augment images; task {task.name}'s input "
-                                  f"{task.input.name} has shape {list(task.input.shape)}: set them to 0 and false")
+            if not task.image_input:
+                raise ConfigError(f"data.crop_padding and data.hflip augment images; task {task.name}'s inputs "
+                                  f"{[f'{i.name} {list(i.shape)}' for i in task.inputs]} are not one image: set "
+                                  f"them to 0 and false")
             # A shift of the image's side or more can move the whole image out of its crop.
             _between("data.crop_padding", self.data.crop_padding, 0, min(task.input.shape[1:]) - 1)
         if self.sched.name in ("cosine", "plateau") and self.sched.min_lr > self.optim.lr:

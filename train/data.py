@@ -10,20 +10,20 @@ from dataclasses import dataclass
 import torch
 
 from t2d import DataError, DataOptions
-from t2d.splits import split_tensors
+from t2d.splits import Features, split_tensors
 from train.config import Config
 
 
 @dataclass
 class TaskData:
-    """Raw-unit tensors on the training device. x: (N, *input.shape) float32; y: (N, outputs) float32
-    targets (regression) or (N,) int64 class indices."""
+    """Raw-unit tensors on the training device. x: every input of every sample (`t2d.splits.Features`); y:
+    (N, outputs) float32 targets (regression) or (N,) int64 class indices."""
 
-    train_x: torch.Tensor
+    train_x: Features
     train_y: torch.Tensor
-    val_x: torch.Tensor
+    val_x: Features
     val_y: torch.Tensor
-    test_x: torch.Tensor | None  # None when run.test is false: no model sees the test split
+    test_x: Features | None  # None when run.test is false: no model sees the test split
     test_y: torch.Tensor | None
     classes: list[str] | None = None  # None for regression
 
@@ -45,7 +45,8 @@ def load_task_data(cfg: Config, device: torch.device) -> TaskData:
             raise DataError(f"data.val_size={n} leaves no training samples (there are {len(train_x)})")
         perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.run.seed))
         val_idx, train_idx = perm[:n], perm[n:].sort().values
-        train_x, train_y, val_x, val_y = train_x[train_idx], train_y[train_idx], train_x[val_idx], train_y[val_idx]
+        train_x, train_y, val_x, val_y = (train_x.select(train_idx), train_y[train_idx], train_x.select(val_idx),
+                                          train_y[val_idx])
     classes = list(task.classes) if task.classes else None
     return TaskData(*(t if t is None else t.to(device) for t in (train_x, train_y, val_x, val_y, test_x, test_y)),
                     classes=classes)

@@ -9,6 +9,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models import Predictor
+from t2d.splits import Features
 from train.data import Augment
 from train.optim import steps_per_batch
 from train.runtime import Runtime, all_reduce_sum
@@ -19,20 +20,22 @@ class NonFiniteLossError(Exception):
     """The training loss became NaN or inf."""
 
 
-def loss_fn(regression: bool, label_smoothing: float = 0.0):
+def loss_fn(regression: bool, label_smoothing: float = 0.0, target_index: int | None = None):
     """The training loss. Classifiers: cross-entropy against targets that put `label_smoothing`
-    of their mass evenly on all classes (validation and test report the plain cross-entropy)."""
-    if regression:
-        return F.mse_loss
-    if label_smoothing:
-        return functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
-    return F.cross_entropy
+    of their mass evenly on all classes (validation and test report the plain cross-entropy). A network with
+    several outputs is scored on its `target_index`-th."""
+    loss = F.mse_loss if regression else (functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
+                                          if label_smoothing else F.cross_entropy)
+    if target_index is None:
+        return loss
+    return lambda out, y, **kw: loss(out if isinstance(out, torch.Tensor) else out[target_index], y, **kw)
 
 
-def train_step(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_f, opt: torch.optim.Optimizer,
+def train_step(net: nn.Module, xb: tuple[torch.Tensor, ...], yb: torch.Tensor, loss_f, opt: torch.optim.Optimizer,
                rt: Runtime, scaler: torch.amp.GradScaler | None, clip: float, per_sample: bool = False
                ) -> torch.Tensor:
-    """One optimizer step on one batch; returns the batch loss, or with `per_sample` each example's
+    """One optimizer step on one batch (`xb`: the inputs, in the network's order); returns the batch loss, or with
+    `per_sample` each example's
     loss (a detached tensor, no device sync). L-BFGS takes the whole set in one batch: no per_sample."""
     if isinstance(opt, torch.optim.LBFGS):
         # LBFGS evaluates the loss and gradients again and again within one step (its iterations and
@@ -40,14 +43,14 @@ def train_step(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_f, opt: 
         def closure() -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
             with rt.autocast():
-                loss = loss_f(net(xb), yb)
+                loss = loss_f(net(*xb), yb)
             loss.backward()
             return loss
 
         return opt.step(closure).detach()
     opt.zero_grad(set_to_none=True)
     with rt.autocast():
-        losses = loss_f(net(xb), yb, reduction="none" if per_sample else "mean")
+        losses = loss_f(net(*xb), yb, reduction="none" if per_sample else "mean")
     loss = losses.mean() if per_sample else losses
     if scaler is not None:  # fp16: scale the loss so small gradients survive half precision
         scaler.scale(loss).backward()
@@ -64,18 +67,18 @@ def train_step(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_f, opt: 
     return losses.detach().reshape(len(losses), -1).mean(1) if per_sample else loss.detach()
 
 
-def train_epoch(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: list[torch.Tensor], loss_f,
+def train_epoch(net: nn.Module, x: Features, y: torch.Tensor, batches: list[torch.Tensor], loss_f,
                 opt: torch.optim.Optimizer, scheduler, rt: Runtime, scaler, clip: float,
                 augment: Augment | None, progress: str | None, hard: HardExamples | None = None) -> float:
     """One pass over `batches` (index tensors into the standardized x, y); returns the mean loss over all
     ranks. `hard` (data.skip_easiest) gets every example's loss."""
     net.train()
-    total = torch.zeros((), device=x.device, dtype=torch.float64)
+    total = torch.zeros((), device=y.device, dtype=torch.float64)
     count = 0
     for idx in tqdm(batches, desc=progress, leave=False, disable=None if progress else True):
-        xb, yb = x[idx], y[idx]
+        xb, yb = x.batch(idx), y[idx]
         if augment is not None and augment.active:
-            xb = augment(xb)
+            xb = (augment(xb[0]),)  # an image task's one input
         # Summed on the device: a .item() per step would stall the GPU on every batch.
         loss = train_step(net, xb, yb, loss_f, opt, rt, scaler, clip, per_sample=hard is not None)
         if hard is not None:
@@ -85,7 +88,7 @@ def train_epoch(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: list[
         count += len(idx)
         if scheduler is not None and steps_per_batch(scheduler):
             scheduler.step()
-    sums = all_reduce_sum(torch.stack([total, torch.tensor(float(count), device=x.device, dtype=torch.float64)]))
+    sums = all_reduce_sum(torch.stack([total, torch.tensor(float(count), device=y.device, dtype=torch.float64)]))
     loss = (sums[0] / sums[1]).item()
     if not math.isfinite(loss):
         raise NonFiniteLossError(f"training loss became {loss}")
@@ -93,7 +96,7 @@ def train_epoch(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: list[
 
 
 @torch.no_grad()
-def evaluate(model: Predictor, x: torch.Tensor, y: torch.Tensor, regression: bool, batch_size: int,
+def evaluate(model: Predictor, x: Features, y: torch.Tensor, regression: bool, batch_size: int,
              rt: Runtime, num_classes: int = 10, shard: bool = True) -> dict:
     """Metrics of the raw-units `model` on (x, y), in raw units, reduced over all processes.
 
@@ -105,13 +108,13 @@ def evaluate(model: Predictor, x: torch.Tensor, y: torch.Tensor, regression: boo
     """
     model.eval()
     if shard and rt.distributed:
-        x, y = x[rt.rank::rt.world_size], y[rt.rank::rt.world_size]
-    dev = x.device
+        x, y = x.select(torch.arange(rt.rank, len(x), rt.world_size, device=y.device)), y[rt.rank::rt.world_size]
+    dev = y.device
     if regression:
         sums = torch.zeros(5, device=dev, dtype=torch.float64)  # sq_norm, sq, abs, rel, count
         std = model.target_norm.std.double()
         for i in range(0, len(x), batch_size):
-            pred, true = model(x[i:i + batch_size]).double(), y[i:i + batch_size].double()
+            pred, true = model.scored(model(*x.batch(slice(i, i + batch_size)))).double(), y[i:i + batch_size].double()
             err = pred - true
             sums += torch.stack([((err / std) ** 2).sum(), (err ** 2).sum(), err.abs().sum(),
                                  (err.abs() / true.abs()).sum(), torch.tensor(float(err.numel()), device=dev)])
@@ -122,7 +125,7 @@ def evaluate(model: Predictor, x: torch.Tensor, y: torch.Tensor, regression: boo
     confusion = torch.zeros(num_classes, num_classes, device=dev, dtype=torch.int64)  # [true, predicted]
     for i in range(0, len(x), batch_size):
         with rt.autocast():
-            logits = model(x[i:i + batch_size])
+            logits = model.scored(model(*x.batch(slice(i, i + batch_size))))
         true = y[i:i + batch_size]
         loss_sum += F.cross_entropy(logits.float(), true, reduction="sum").double()
         confusion += torch.bincount(true * num_classes + logits.argmax(1), minlength=num_classes ** 2).view(
@@ -135,7 +138,8 @@ def evaluate(model: Predictor, x: torch.Tensor, y: torch.Tensor, regression: boo
 
 
 @torch.no_grad()
-def predict(model: Predictor, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Raw-unit predictions for all of x (on the main process; for plots)."""
+def predict(model: Predictor, x: Features, batch_size: int) -> torch.Tensor:
+    """Raw-unit predictions of the target output for all of x (on the main process; for plots)."""
     model.eval()
-    return torch.cat([model(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
+    return torch.cat([model.scored(model(*x.batch(slice(i, i + batch_size)))).float()
+                      for i in range(0, len(x), batch_size)])

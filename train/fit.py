@@ -14,6 +14,7 @@ import t2d
 from models import Predictor, build_predictor
 from models.checkpoint import CheckpointError, first_line, load_checkpoint, save_checkpoint, serialize, weights_problem
 from train.config import Config, ConfigError
+from t2d.splits import real_values
 from train.data import Augment, TaskData, batch_order
 from train.engine import NonFiniteLossError, evaluate, loss_fn, train_epoch
 from train.optim import build_optimizer, build_scheduler, step_epoch
@@ -71,18 +72,22 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
             raise CheckpointError(f"the checkpoint's config does not describe its weights: {problem}")
         predictor.load_state_dict(resume["state_dict"])
     else:  # z-score statistics from the training split only
-        if task.input.normalize != "none":
-            predictor.input_norm.fit(data.train_x, dims=task.input.stats_dims)
+        for k, inp in enumerate(task.inputs):
+            if inp.normalize != "none":
+                if inp.variable:  # one mean and std over the real values, the padding left out
+                    predictor.input_norms[str(k)].fit(real_values(data.train_x, k).reshape(-1, 1))
+                else:
+                    predictor.input_norms[str(k)].fit(data.train_x.tensors[k], dims=inp.stats_dims)
         if regression:
             predictor.target_norm.fit(data.train_y)
     predictor.to(rt.device)
-    if task.input.is_image and rt.device.type == "cpu":
+    if task.image_input and rt.device.type == "cpu":
         # NHWC conv weights: oneDNN's fast CPU path, about 35% less time per CNN step (measured); no-op for MLPs.
         predictor.net.to(memory_format=torch.channels_last)
 
     # Standardize the training split once; validation and test go through the raw-units predictor.
     with torch.no_grad():
-        x_train = predictor.input_norm(data.train_x)
+        x_train = data.train_x.map(predictor.standardize)
         y_train = predictor.target_norm(data.train_y) if regression else data.train_y
     if rt.distributed and rt.device.type == "cuda":
         # Batch statistics over the global batch, as one process would see them (gloo on CPU has no
@@ -106,9 +111,9 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
     sched = build_scheduler(opt, cfg.sched, cfg.run.epochs, steps, mode, total_steps)
     scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
     augment = None
-    if task.input.is_image and (cfg.data.crop_padding or cfg.data.hflip):
+    if task.image_input and (cfg.data.crop_padding or cfg.data.hflip):
         # A 0 pixel, standardized: the padding of crops (of the first channel, where each has its own statistics).
-        black = float(predictor.input_norm(torch.zeros(1, device=rt.device)).flatten()[0].item())
+        black = float(predictor.input_norms["0"](torch.zeros(1, device=rt.device)).flatten()[0].item())
         augment = Augment(cfg.data.crop_padding, cfg.data.hflip, black)
     stopper = Stopper(mode, cfg.stop.min_delta)
     start = 0
@@ -116,7 +121,7 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
         stopper = load_training_state(resume["resume"], opt, sched, scaler, stopper, hard)
         start = resume["epoch"]
 
-    loss_f = loss_fn(regression, cfg.optim.label_smoothing)
+    loss_f = loss_fn(regression, cfg.optim.label_smoothing, predictor.target_index if len(task.outputs) > 1 else None)
     best_state = copy_tensors(predictor.state_dict())
     best_metrics: dict = dict(resume.get("metrics", {})) if resume else {}
     kept_epoch = start if cfg.stop.keep == "last" else stopper.best_epoch
@@ -171,17 +176,28 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
     return FitResult(predictor.eval(), kept_epoch, best_metrics, epoch, stopped)
 
 
-def check_output_shape(task: t2d.Task, arch: str, net: torch.nn.Module, x: torch.Tensor) -> None:
-    """ConfigError unless the network maps a batch of training inputs to (batch, output.size): a regression
-    net returning (B,) against targets (B, 1) would otherwise train on a silently broadcast (B, B) loss.
-    Run in eval mode, so that BatchNorm's running statistics and the RNG are left as they were."""
+def check_output_shape(task: t2d.Task, arch: str, net: torch.nn.Module, xs: tuple[torch.Tensor, ...]) -> None:
+    """ConfigError unless the network maps a batch of training inputs to the task's outputs, each (batch, *shape):
+    a regression net returning (B,) against targets (B, 1) would otherwise train on a silently broadcast (B, B)
+    loss. Run in eval mode, so that BatchNorm's running statistics and the RNG are left as they were."""
     was_training = net.training
+    n = len(xs[0])
     with torch.no_grad():
-        got = tuple(net.eval()(x).shape)  # (2, *input.shape) -> (2, output.size)
+        out = net.eval()(*xs)  # (2, *input shapes) -> outputs
     net.train(was_training)
-    if got != (len(x), task.output.size):
-        raise ConfigError(f"task {task.name}'s network {arch} maps a batch of {len(x)} inputs to shape {list(got)}; "
-                          f"its Output {task.output.name} needs {[len(x), task.output.size]}")
+    outs = (out,) if isinstance(out, torch.Tensor) else tuple(out) if isinstance(out, (tuple, list)) else None
+    if outs is None or len(outs) != len(task.outputs) or not all(isinstance(o, torch.Tensor) for o in outs):
+        got = type(out).__name__ if outs is None else f"{len(outs)} value(s)"
+        raise ConfigError(f"task {task.name}'s network {arch} returns {got}; the task declares "
+                          f"{len(task.outputs)} output(s) {[o.name for o in task.outputs]}: return a tensor for one, "
+                          f"a tuple in that order for several")
+    for o, got in zip(task.outputs, outs):
+        want = [n, *o.shape]
+        ok = got.dim() == len(want) and all(w is None or g == w for g, w in zip(got.shape, want))
+        if not ok:
+            raise ConfigError(f"task {task.name}'s network {arch} maps a batch of {n} inputs to shape "
+                              f"{list(got.shape)}{'' if len(outs) == 1 else f' for output {o.name}'}; its Output "
+                              f"{o.name} needs {[('n' if w is None else w) for w in want]}")
 
 
 def check_resume_state(cfg: Config, resume: dict) -> None:
@@ -375,9 +391,6 @@ def _payload(cfg: Config, config: dict, predictor: Predictor, epoch: int, metric
              scaler, stopper: Stopper, hard: HardExamples | None) -> dict:
     """A self-describing checkpoint: the model alone rebuilds from it; the rest resumes training."""
     task = cfg.task
-    norm = {"input": predictor.input_norm.to_dict()}
-    if predictor.target_norm is not None:
-        norm["target"] = predictor.target_norm.to_dict()
     return {
         "task": task.name,
         # A user's task: where its code was found, so that export can say which --task to pass (it never
@@ -387,8 +400,8 @@ def _payload(cfg: Config, config: dict, predictor: Predictor, epoch: int, metric
         "arch": cfg.arch,
         "model_config": cfg.model_fields,
         "state_dict": {k: v.detach().cpu() for k, v in predictor.state_dict().items()},
-        "normalization": norm,
-        "input_shape": list(task.input.shape),
+        "normalization": predictor.norm_stats(task),
+        "inputs": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in task.inputs],
         "classes": list(task.classes) if task.classes else None,
         "metrics": metrics,
         "epoch": epoch,

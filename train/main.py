@@ -25,6 +25,7 @@ from models import build_predictor
 from models.checkpoint import CheckpointError, first_line, load_checkpoint, remove_stale_temp_files, save_checkpoint, \
     validate_checkpoint
 from t2d import DataError, builtin_tasks, is_builtin
+from t2d.splits import join
 from train.config import SECTIONS, Config, ConfigError, build_config, load_yaml, parse_overrides
 from train.data import TaskData, load_task_data
 from train.engine import NonFiniteLossError, evaluate, predict
@@ -145,7 +146,7 @@ def run(cfg: Config, resume: dict | None = None) -> dict:
             check_resume_data(cfg, len(data.train_x), rt.world_size, resume)
         # the task's network on 2 training inputs: the shape its Output declares, before anything is written
         check_output_shape(cfg.task, cfg.arch, build_predictor(cfg.task, cfg.arch, cfg.model_fields).net,
-                           data.train_x[:2].cpu())
+                           tuple(t.cpu() for t in data.train_x.batch(slice(0, 2))))
         if rt.is_main:  # only once the data is there: a run that cannot start leaves no folder behind
             out.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(out)  # left by a run killed mid-save; nothing saves here yet
@@ -180,16 +181,16 @@ def _log(cfg: Config, rt: Runtime, out: Path) -> RunLog:
 def _kfold(cfg: Config, data: TaskData, rt: Runtime, out: Path) -> tuple[FitResult, dict]:
     """K models on K splits of the training + validation data; keeps the best fold's checkpoint."""
     k = cfg.run.folds
-    x, y = torch.cat([data.train_x, data.val_x]), torch.cat([data.train_y, data.val_y])
+    x, y = join(data.train_x, data.val_x), torch.cat([data.train_y, data.val_y])
     if k > len(x):
         raise ConfigError(f"run.folds={k} is more than the {len(x)} training samples")
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.run.seed)).to(x.device)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.run.seed)).to(y.device)
     parts = perm.tensor_split(k)
     results, values = [], []
     for i in range(k):
         train_idx = torch.cat([p for j, p in enumerate(parts) if j != i])
-        fold_data = TaskData(x[train_idx], y[train_idx], x[parts[i]], y[parts[i]], data.test_x, data.test_y,
-                             data.classes)
+        fold_data = TaskData(x.select(train_idx), y[train_idx], x.select(parts[i]), y[parts[i]], data.test_x,
+                             data.test_y, data.classes)
         fold_dir = out / f"fold{i + 1}"
         if rt.is_main:
             fold_dir.mkdir(parents=True, exist_ok=True)
@@ -240,7 +241,7 @@ def _finish(cfg: Config, data: TaskData, rt: Runtime, out: Path, result: FitResu
             plots.loss_curves(history, out / "loss.png")
         if test and regression:  # both plots are of the test set
             pred = predict(model, data.test_x, cfg.data.eval_batch_size)
-            plots.predicted_vs_true(data.test_y[:, 0].tolist(), pred[:, 0].tolist(), out / "predicted_vs_true.png")
+            plots.predicted_vs_true(data.test_y.cpu(), pred.cpu(), cfg.task.output, out / "predicted_vs_true.png")
         elif test:
             plots.confusion_matrix(test["confusion"], data.classes, out / "confusion.png")
     print(f"done: {result.epochs_run} epochs ({result.stopped}), best epoch {result.best_epoch}, "

@@ -21,21 +21,32 @@ def loss_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def predicted_vs_true(true, pred, path: Path, max_points: int = 5000) -> None:
-    """Left: predictions against the truth; right: the error, which the left panel is too coarse to show."""
-    true, pred = list(true)[:max_points], list(pred)[:max_points]
-    err = [p - t for p, t in zip(pred, true, strict=True)]
-    fig, (ax, ax_err) = plt.subplots(1, 2, figsize=(11, 5))
-    ax.scatter(true, pred, s=3, alpha=0.4)
-    lo, hi = min(true), max(true)
-    ax.plot([lo, hi], [lo, hi], color="black", linewidth=1, label="y = x")
-    ax.set(xlabel="true X1*X2", ylabel="predicted", title=f"Test set: predicted vs true ({len(true)} points)")
-    ax.legend()
-    ax_err.scatter(true, err, s=3, alpha=0.4, color="tab:red")
-    ax_err.axhline(0, color="black", linewidth=1)
-    ax_err.set(xlabel="true X1*X2", ylabel="predicted - true", title="Error in raw units")
-    for a in (ax, ax_err):
-        a.grid(alpha=0.3)
+MAX_PANELS = 4  # a regression with more targets shows its first four: one row of panels each
+
+
+def predicted_vs_true(true, pred, output, path: Path, max_points: int = 5000) -> None:
+    """One row per target value of `output` (a t2d.Output; `true` and `pred` are (N, output.size)): left,
+    predictions against the truth; right, the error, which the left panel is too coarse to show."""
+    true, pred = true[:max_points].reshape(len(true[:max_points]), -1), pred[:max_points].reshape(len(true[:max_points]), -1)
+    columns = min(true.shape[1], MAX_PANELS)
+    fig, axes = plt.subplots(columns, 2, figsize=(11, 5 * columns), squeeze=False)
+    for c, (ax, ax_err) in enumerate(axes):
+        t, p = true[:, c].tolist(), pred[:, c].tolist()
+        name = output.name if true.shape[1] == 1 else f"{output.name}[{c}]"
+        err = [a - b for a, b in zip(p, t, strict=True)]
+        ax.scatter(t, p, s=3, alpha=0.4)
+        lo, hi = min(t), max(t)
+        ax.plot([lo, hi], [lo, hi], color="black", linewidth=1, label="y = x")
+        ax.set(xlabel=f"true {name}", ylabel=f"predicted {name}",
+               title=f"Test set: predicted vs true ({len(t)} points)")
+        ax.legend()
+        ax_err.scatter(t, err, s=3, alpha=0.4, color="tab:red")
+        ax_err.axhline(0, color="black", linewidth=1)
+        ax_err.set(xlabel=f"true {name}", ylabel="predicted - true", title="Error in raw units")
+        for a in (ax, ax_err):
+            a.grid(alpha=0.3)
+    if true.shape[1] > columns:
+        fig.suptitle(f"the first {columns} of {output.name}'s {true.shape[1]} values")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
