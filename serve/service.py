@@ -5,14 +5,15 @@
     curl -s -X POST localhost:3000/predict -H 'Content-Type: application/json' -d '{"x1": 3, "x2": 4}'
     -> {"y": 12.01..., "model": "product:...", "extrapolated": false}
 
-Endpoints (all POST): /predict, /predict_batch (product); /classify (JSON pixels), /classify_png
-(a PNG body) (classifier). GET /livez, /readyz; the Swagger UI at / has an example body for each
-JSON endpoint (its title, description and version: `serve.openapi`). The page for people, /ui
-(`serve.ui`, mounted here): each model's card and a pad to try it. Every model in the store, under its
-own name, over the Open Inference Protocol: /v2 (`serve.v2`, a Starlette app mounted here). Which models
-are served and how to pin them: `serve.store`; the models are loaded once, in __init__, into one
-`Registry` that the typed endpoints and /v2 share (__init__ hands it to the mounted apps). Input checks:
-`serve.validate` (typed), `serve.v2` (v2). Size, content-type and method limits: `serve.limits`, for both.
+Endpoints (all POST): /predict, /predict_batch (product); /classify (JSON pixels), /classify_png (a PNG
+body) (classifier). GET /livez, /readyz; the Swagger UI at / has an example body for each JSON endpoint
+(the page, which loads nothing from other hosts, and the document's title, description and version:
+`serve.openapi`). The page for people, /ui (`serve.ui`, mounted here): each model's card and a pad to try
+it. Every model in the store, under its own name, over the Open Inference Protocol: /v2 (`serve.v2`, a
+Starlette app mounted here). Which models are served and how to pin them: `serve.store`; the models are
+loaded once, in __init__, into one `Registry` that the typed endpoints and /v2 share (__init__ hands it to
+the mounted apps). Input checks: `serve.validate` (typed), `serve.v2` (v2). Size, content-type and method
+limits: `serve.limits`, for both.
 
 BentoML builds one Starlette app whose routes include the mounted /v2 app, and wraps all of it in its
 middleware: the 429 (max_concurrency) and 504 (timeout) below apply to /v2 as to the typed endpoints
