@@ -34,6 +34,9 @@ tag, a Bento's own) failed to load: then it stays 503, so a rolling deployment k
 servers; the log's ERROR line says why, and the other task's endpoints still answer. A task with
 nothing registered does not hold readiness back: its endpoints answer 503 with how to fill it.
 
+Shutdown (SIGTERM, as `docker stop` and Kubernetes send it): requests in flight finish, every answer from then
+on says `Connection: close`, and a kept-alive connection is closed only after such an answer (`serve.drain`).
+
 Limits (`serve.limits`) can be changed without editing code, through BentoML's configuration:
     BENTOML_CONFIG_OVERRIDES='{"services": {"TrainToDeploy": {"traffic": {"max_concurrency": 64, "timeout": 10}}}}'
 
@@ -52,6 +55,7 @@ from bentoml.validators import ContentType
 from starlette.responses import JSONResponse
 
 from serve import openapi
+from serve.drain import mend_uvicorn_shutdown
 from serve.limits import JSON, MAX_CONCURRENCY, PNG, TIMEOUT_S, RequestGuard, mend_bentoml_timeout
 from serve.store import ModelRunError, OnnxModel, load_registry, registered_tags
 from serve.ui import app as ui_app, cards
@@ -168,6 +172,7 @@ TrainToDeploy.add_asgi_middleware(RequestGuard, routes={
     "/predict": JSON, "/predict_batch": JSON, "/classify": JSON, "/classify_png": PNG,
 }, patterns={V2_POST_ROUTE: JSON})
 mend_bentoml_timeout()  # BentoML's 504 timer, without the memory it holds after each request
+mend_uvicorn_shutdown()  # at SIGTERM, answers say Connection: close; kept-alive clients are not cut off
 quiet_validation_errors()
 # The models the endpoints would serve now, as references: `bentoml build` records their tags in the
 # Bento, and `bentoml export` / `bentoml containerize` copy their files in. Only models that exist are
