@@ -11,6 +11,13 @@ say `detail` is a string (BentoML's pydantic 400 sends a list), it lists 404 and
 placeholders. `document` takes BentoML's document and corrects all of that; `app` serves the result
 at /docs.json, mounted by `serve.service` ahead of BentoML's own /docs.json route.
 
+`app` also serves the Swagger UI at / in place of BentoML's page (_bentoml_impl/server/main-openapi.html),
+which loads Google Tag Manager from www.googletagmanager.com: every visit would be reported to a third
+party, and behind a firewall the page waits on a host it cannot reach. This page is the same Swagger UI,
+from the files BentoML ships (bentoml/_internal/server/static_content, served at /static_content), and
+asks nothing of any other host: no tag manager, no validator badge (Swagger UI fetches one from
+validator.swagger.io when the page's host is not localhost), and a Content-Security-Policy that keeps it so.
+
 Every status below is an answer the service gives on purpose (tests/test_openapi.py checks the list
 against the routes and the middleware, and a schema fuzzer checks it against a real server):
 - the typed endpoints: 200; 400 a body that does not validate (BentoML's pydantic answer, with a
@@ -26,11 +33,14 @@ A 405 is listed under the route's one operation: it is the answer to any other m
 
 import copy
 import json
+from pathlib import Path
 
+import bentoml._internal.server
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from serve.contract import DTYPES, FLOAT32_MAX
 from serve.limits import MAX_BODY_BYTES, MAX_CONCURRENCY, MAX_ROWS, TIMEOUT_S
@@ -358,5 +368,60 @@ async def docs_json(request: Request) -> Response:
     return Response(_document, media_type="application/json")
 
 
-# Mounted at "/" by serve.service: BentoML tries its mounted apps before its own /docs.json route.
-app = Starlette(routes=[Route("/docs.json", docs_json, methods=["GET"])])
+# --- the Swagger UI at / ----------------------------------------------------------------------------------
+
+SWAGGER_FILES = Path(bentoml._internal.server.__file__).parent / "static_content"  # Swagger UI, as BentoML ships it
+# Relative URLs, as BentoML's page has: behind a proxy that serves this server under a prefix, they still resolve.
+SWAGGER_PAGE = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="UTF-8">
+  <title>{SERVER_NAME}</title>
+  <link rel="stylesheet" href="./static_content/swagger-ui.css">
+  <link rel="stylesheet" href="./static_content/index.css">
+  <link rel="icon" type="image/png" href="./static_content/favicon-light-32x32.png" sizes="32x32"
+        media="(prefers-color-scheme: light)">
+  <link rel="icon" type="image/png" href="./static_content/favicon-dark-32x32.png" sizes="32x32"
+        media="(prefers-color-scheme: dark)">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="./static_content/swagger-ui-bundle.js"></script>
+  <script src="./static_content/swagger-ui-standalone-preset.js"></script>
+  <script src="./docs.js"></script>
+</body>
+</html>
+""".encode()
+SWAGGER_SCRIPT = b"""window.onload = () => {
+  window.ui = SwaggerUIBundle({
+    url: "./docs.json",
+    dom_id: "#swagger-ui",
+    deepLinking: true,
+    presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
+    plugins: [SwaggerUIBundle.plugins.DownloadUrl],
+    layout: "StandaloneLayout",
+    validatorUrl: null,  // no badge: it is an image from validator.swagger.io
+  });
+};
+"""
+# Only this server, for anything the page loads or sends; Swagger UI sets styles inline and draws icons as data: URLs.
+SWAGGER_CSP = "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:"
+
+
+async def swagger_page(request: Request) -> Response:
+    return Response(SWAGGER_PAGE, media_type="text/html; charset=utf-8",
+                    headers={"Content-Security-Policy": SWAGGER_CSP, "Cache-Control": "no-cache"})
+
+
+async def swagger_script(request: Request) -> Response:
+    return Response(SWAGGER_SCRIPT, media_type="text/javascript; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+
+# Mounted at "/" by serve.service: BentoML tries its mounted apps before its own routes (/, /docs.json and
+# /static_content, which it mounts only without its "new_index" feature: this app mounts the files itself).
+app = Starlette(routes=[
+    Route("/docs.json", docs_json, methods=["GET"]),
+    Route("/", swagger_page, methods=["GET"]),
+    Route("/docs.js", swagger_script, methods=["GET"]),
+    Mount("/static_content", StaticFiles(directory=SWAGGER_FILES)),
+])

@@ -5,14 +5,15 @@
     curl -s -X POST localhost:3000/predict -H 'Content-Type: application/json' -d '{"x1": 3, "x2": 4}'
     -> {"y": 12.01..., "model": "product:...", "extrapolated": false}
 
-Endpoints (all POST): /predict, /predict_batch (product); /classify (JSON pixels), /classify_png
-(a PNG body) (classifier). GET /livez, /readyz; the Swagger UI at / has an example body for each
-JSON endpoint (its title, description and version: `serve.openapi`). The page for people, /ui
-(`serve.ui`, mounted here): each model's card and a pad to try it. Every model in the store, under its
-own name, over the Open Inference Protocol: /v2 (`serve.v2`, a Starlette app mounted here). Which models
-are served and how to pin them: `serve.store`; the models are loaded once, in __init__, into one
-`Registry` that the typed endpoints and /v2 share (__init__ hands it to the mounted apps). Input checks:
-`serve.validate` (typed), `serve.v2` (v2). Size, content-type and method limits: `serve.limits`, for both.
+Endpoints (all POST): /predict, /predict_batch (product); /classify (JSON pixels), /classify_png (a PNG
+body) (classifier). GET /livez, /readyz; the Swagger UI at / has an example body for each JSON endpoint
+(the page, which loads nothing from other hosts, and the document's title, description and version:
+`serve.openapi`). The page for people, /ui (`serve.ui`, mounted here): each model's card and a pad to try
+it. Every model in the store, under its own name, over the Open Inference Protocol: /v2 (`serve.v2`, a
+Starlette app mounted here). Which models are served and how to pin them: `serve.store`; the models are
+loaded once, in __init__, into one `Registry` that the typed endpoints and /v2 share (__init__ hands it to
+the mounted apps). Input checks: `serve.validate` (typed), `serve.v2` (v2). Size, content-type and method
+limits: `serve.limits`, for both.
 
 BentoML builds one Starlette app whose routes include the mounted /v2 app, and wraps all of it in its
 middleware: the 429 (max_concurrency) and 504 (timeout) below apply to /v2 as to the typed endpoints
@@ -33,6 +34,9 @@ tag, a Bento's own) failed to load: then it stays 503, so a rolling deployment k
 servers; the log's ERROR line says why, and the other task's endpoints still answer. A task with
 nothing registered does not hold readiness back: its endpoints answer 503 with how to fill it.
 
+Shutdown (SIGTERM, as `docker stop` and Kubernetes send it): requests in flight finish, every answer from then
+on says `Connection: close`, and a kept-alive connection is closed only after such an answer (`serve.drain`).
+
 Limits (`serve.limits`) can be changed without editing code, through BentoML's configuration:
     BENTOML_CONFIG_OVERRIDES='{"services": {"TrainToDeploy": {"traffic": {"max_concurrency": 64, "timeout": 10}}}}'
 
@@ -51,6 +55,7 @@ from bentoml.validators import ContentType
 from starlette.responses import JSONResponse
 
 from serve import openapi
+from serve.drain import mend_uvicorn_shutdown
 from serve.limits import JSON, MAX_CONCURRENCY, PNG, TIMEOUT_S, RequestGuard, mend_bentoml_timeout
 from serve.store import ModelRunError, OnnxModel, load_registry, registered_tags
 from serve.ui import app as ui_app, cards
@@ -167,6 +172,7 @@ TrainToDeploy.add_asgi_middleware(RequestGuard, routes={
     "/predict": JSON, "/predict_batch": JSON, "/classify": JSON, "/classify_png": PNG,
 }, patterns={V2_POST_ROUTE: JSON})
 mend_bentoml_timeout()  # BentoML's 504 timer, without the memory it holds after each request
+mend_uvicorn_shutdown()  # at SIGTERM, answers say Connection: close; kept-alive clients are not cut off
 quiet_validation_errors()
 # The models the endpoints would serve now, as references: `bentoml build` records their tags in the
 # Bento, and `bentoml export` / `bentoml containerize` copy their files in. Only models that exist are

@@ -56,6 +56,7 @@ class Reply:
     status: int
     content_type: str
     body: bytes
+    connection: str = ""  # the Connection header, lowercase: "close" when the server closes after this answer
 
     @property
     def json(self):
@@ -133,7 +134,7 @@ class Server:
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the server may answer (413) and close before reading all we send; its answer still counts
             r = conn.getresponse()
-            return Reply(r.status, r.getheader("Content-Type", ""), r.read())
+            return Reply(r.status, r.getheader("Content-Type", ""), r.read(), r.getheader("Connection", "").lower())
         finally:
             conn.close()
 
@@ -181,7 +182,7 @@ class SlowRequest:
         r = http.client.HTTPResponse(self.sock)
         try:
             r.begin()
-            return Reply(r.status, r.getheader("Content-Type", ""), r.read())
+            return Reply(r.status, r.getheader("Content-Type", ""), r.read(), r.getheader("Connection", "").lower())
         finally:
             self.sock.close()
 

@@ -29,7 +29,7 @@ from serve.limits import MAX_BODY_BYTES
 # Routes that are no API: the Swagger UI and its files, the documents themselves, `/v2/` (the same as
 # /v2) and v2's catch-all JSON 404 for any other path under /v2, and the page for people (/ui: its HTML,
 # script, style, plots and the cards' JSON, which only that page reads; tests/test_ui.py checks them).
-NOT_API = {"/", "/docs.json", "/schema.json", "/v2/", "/v2/{rest:path}",
+NOT_API = {"/", "/docs.js", "/docs.json", "/schema.json", "/v2/", "/v2/{rest:path}",
            "/ui", "/ui/", "/ui/app.js", "/ui/style.css", "/ui/models.json", "/ui/plots/{name}/{file}"}
 INFRA = {"/livez", "/readyz", "/healthz", "/metrics"}  # BentoML's probes
 TYPED = {"/predict", "/predict_batch", "/classify", "/classify_png"}

@@ -17,6 +17,7 @@ serves the newest: the loud product and the broken classifier.
 
 import json
 import pickle
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -387,5 +388,11 @@ def test_bentoml_build_packs_the_served_models_and_serves_them(store):
         for task in ("product", "fashion-mnist"):
             assert srv.expect(srv.get(f"/v2/models/{task}"), 200)["versions"] == [store.tags[task].split(":")[1]]
         assert srv.get("/v2/models/mnist").status == 404
+        # The Swagger UI is this project's page, every file it names served here (tests/test_ui.py opens it).
+        page = srv.get("/")
+        assert page.status == 200 and b"googletagmanager" not in page.body
+        files = re.findall(r'(?:src|href)="\./([^"]+)"', page.body.decode())
+        assert "static_content/swagger-ui-bundle.js" in files and "docs.js" in files, files
+        assert [srv.get("/" + f).status for f in files] == [200] * len(files), files
     finally:
         srv.stop()

@@ -1,7 +1,8 @@
 """Serving under abuse: hostile bodies, bad requests interleaved with good ones, overload (429), slow
 clients (504), start-up and readiness, a corrupt or unsafe model in the store, SIGTERM with requests
-in flight, a property-based fuzz run and a 60 s load test. All against real `bentoml serve` processes
-(helpers: `serving`) on models from real `python -m train` and `python -m export` runs.
+in flight and clients on kept-alive connections, a property-based fuzz run and a 60 s load test. All
+against real `bentoml serve` processes (helpers: `serving`) on models from real `python -m train` and
+`python -m export` runs.
 
 Good answers are checked exactly against the answers the same server gave to the same request when
 it was idle: onnxruntime runs one thread, so the same input gives the same bits, and any answer
@@ -536,10 +537,40 @@ def test_corrupt_models_never_become_ready_and_the_log_says_why(store):
         srv.stop()
 
 
-# --- 7. SIGTERM with requests in flight -----------------------------------------------------------
+# --- 7. SIGTERM with requests in flight and clients on kept-alive connections ---------------------
+
+@dataclass
+class Sent:
+    reused: bool  # sent on a connection that an earlier answer had left open
+    outcome: str  # "200", "200 close" (the answer said Connection: close), or what went wrong
+
+
+def keep_sending(port: int, body: bytes, expected: dict, until) -> list[Sent]:
+    """POST `body` to /predict in a loop over one kept-alive connection, opening a new one after an answer
+    that says Connection: close (as http.client does), until a connection is refused or `until()`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    sent = []
+    while not until():
+        reused = conn.sock is not None
+        try:
+            conn.request("POST", "/predict", body, {"Content-Type": JSON})
+            r = conn.getresponse()
+            data = r.read()
+            ok = r.status == 200 and json.loads(data) == expected
+            close = r.getheader("Connection", "").lower() == "close"
+            sent.append(Sent(reused, ("200" if ok else f"{r.status} {data[:200]!r}") + (" close" if close else "")))
+        except ConnectionRefusedError:
+            sent.append(Sent(reused, "refused"))
+            break
+        except (OSError, http.client.HTTPException) as e:
+            sent.append(Sent(reused, repr(e)))
+            conn.close()
+    conn.close()
+    return sent
+
 
 @pytest.mark.slow
-def test_sigterm_lets_requests_in_flight_finish_then_exits_0(store):
+def test_sigterm_drains_requests_in_flight_and_kept_alive_clients_then_exits_0(store):
     srv = Server(store.home, store.root / "serve-sigterm.log", **pins(store.tags))
     try:
         srv.wait_ready()
@@ -547,19 +578,45 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(store):
         expected = srv.expect(srv.post("/predict", body), 200)
         workers = srv.workers()
         assert len(workers) == 1, workers
-        in_flight = [srv.start_slowly("/predict", body) for _ in range(3)]
-        time.sleep(0.5)
-        os.kill(srv.proc.pid, signal.SIGTERM)  # to the arbiter only, as `docker stop` or Kubernetes does
-        time.sleep(1.0)
-        assert srv.proc.poll() is None, "exited with requests in flight"
-        for request in in_flight:
-            assert srv.expect(request.finish(), 200) == expected
+        in_flight = [srv.start_slowly("/predict", body) for _ in range(3)]  # they hold the drain open
+        deadline = time.monotonic() + 90
+
+        def until() -> bool:
+            return srv.proc.poll() is not None or time.monotonic() > deadline
+
+        with ThreadPoolExecutor(16) as pool:
+            clients = [pool.submit(keep_sending, srv.port, body, expected, until) for _ in range(16)]
+            time.sleep(1.0)
+            os.kill(srv.proc.pid, signal.SIGTERM)  # to the arbiter only, as `docker stop` or Kubernetes does
+            time.sleep(1.0)
+            assert srv.proc.poll() is None, "exited with requests in flight"
+            replies = [request.finish() for request in in_flight]
+            sent = [c.result(timeout=90) for c in clients]
         assert srv.proc.wait(timeout=60) == 0, srv.log()[-3000:]
         assert not Path(f"/proc/{workers[0]}").exists(), "the worker outlived the arbiter"
         with pytest.raises(ConnectionRefusedError):
             srv.get("/livez", timeout=5)
     finally:
         srv.stop()
+    outcomes = {}
+    for s in (s for client in sent for s in client):
+        key = f"{s.outcome}{' (kept-alive)' if s.reused else ''}"
+        outcomes[key] = outcomes.get(key, 0) + 1
+    print(f"16 clients during SIGTERM: {sorted(outcomes.items())}")
+    for client in sent:
+        # Every request sent on a connection that an answer had left open was read and answered: the server
+        # closes a kept-alive connection only after an answer that says so (serve.drain).
+        assert [s for s in client if s.reused and not s.outcome.startswith("200")] == [], client
+        told = next((i for i, s in enumerate(client) if s.outcome == "200 close"), None)
+        assert told is not None and all(s.outcome == "200" for s in client[:told]), client
+        # After it, only new connections, opened after the worker stopped accepting: never read, they are reset
+        # when the arbiter closes the listening socket it holds until then, or refused (see serve.drain).
+        assert all(not s.reused and not s.outcome.startswith("200") for s in client[told + 1:]), client
+    for reply in replies:  # answered during the drain: the server closes after each, and says so
+        assert srv.expect(reply, 200) == expected and reply.connection == "close"
+    # And every answer the server sent arrived: its access log has one line per answer.
+    answered = srv.log().count("path=/predict,type=application/json,length=18) (status=200")
+    assert answered == 1 + len(replies) + sum(s.outcome.startswith("200") for client in sent for s in client)
 
 
 # --- 8. property-based fuzzing --------------------------------------------------------------------

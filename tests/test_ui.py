@@ -3,8 +3,9 @@
 plus a user's own two tasks trained and exported here (a 6-feature regression and 3 classes of 8x8 images).
 
 Every check compares what the page shows with what the store holds or what the server answers over HTTP
-for the same input. Screenshots of each page are kept under $T2D_TEST_ARTIFACTS (default: a pytest
-temporary folder); the path is printed.
+for the same input; and no page the server serves (/ui, the Swagger UI at /) asks another host for anything.
+Screenshots of each page are kept under $T2D_TEST_ARTIFACTS (default: a pytest temporary folder); the path
+is printed.
 """
 
 import os
@@ -22,6 +23,8 @@ from test_task import export_cli, write_user_tasks
 pytestmark = pytest.mark.slow
 
 USER_TASKS = {"REG": "six-features", "IMG": "tiny-images"}
+# A name for this machine that is not localhost: pages opened through it behave as in a deployment.
+OTHER_NAME = "t2d-server.test"
 CLASSIFIERS = {"fashion-mnist": 10, "tiny-images": 3}
 
 
@@ -76,7 +79,8 @@ def browser():
     chromium = shutil.which("chromium")
     assert chromium, "no chromium on PATH: apt-get install chromium (.ci/run does)"
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium)
+        # OTHER_NAME resolves to this machine, as a deployment's own host name would (see test_no_page_asks_...).
+        b = p.chromium.launch(executable_path=chromium, args=[f"--host-resolver-rules=MAP {OTHER_NAME} 127.0.0.1"])
         yield b
         b.close()
 
@@ -290,3 +294,38 @@ def test_the_swagger_page_says_what_this_service_is(browser, server, artifacts):
     page.goto(f"http://127.0.0.1:{server.port}/")
     page.get_by_text("the page for people").wait_for()
     page.screenshot(path=artifacts / "swagger.png")
+
+
+# --- offline: nothing leaves the machine ---------------------------------------------------------------
+
+HTML_PAGES = ("/", "/ui", "/ui/")
+
+
+def test_no_page_asks_anything_of_another_machine(browser, server):
+    """A model server behind a firewall, or on a laptop offline, serves pages that work there and tell no
+    third party who opened them. Each HTML page is opened by 127.0.0.1 and by another name for this machine
+    (Swagger UI asks validator.swagger.io for a badge only when the page's host is not localhost)."""
+    spec = server.expect(server.get("/docs.json"), 200)
+    gets = [p for p, item in spec["paths"].items() if "get" in item and "{" not in p]
+    html = [p for p in {*gets, *HTML_PAGES, "/docs.json", "/schema.json"}
+            if server.get(p).content_type.startswith("text/html")]
+    assert sorted(html) == sorted(HTML_PAGES)  # a new page is opened below once it is added to HTML_PAGES
+    operations = sum(len(item) for item in spec["paths"].values())
+    for host in ("127.0.0.1", OTHER_NAME):
+        origin = f"http://{host}:{server.port}"
+        for path in HTML_PAGES:
+            page = browser.new_context().new_page()
+            requested, errors = [], []
+            page.on("request", lambda r: requested.append(r.url))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)  # CSP refusals, 404s
+            page.goto(origin + path)
+            if path == "/":  # Swagger UI drew the document: one block per operation
+                page.locator(".opblock").first.wait_for()
+                assert page.locator(".opblock").count() == operations
+            else:
+                page.wait_for_function("document.querySelectorAll('.card').length === 4")
+            page.wait_for_load_state("networkidle")  # scripts that load more have had their turn
+            page.context.close()
+            elsewhere = [url for url in requested if not url.startswith(origin + "/")]
+            assert len(requested) > 1 and elsewhere == [], (origin + path, elsewhere)
+            assert errors == [], (origin + path, errors)
