@@ -19,7 +19,9 @@ which also validate). Whole-process wall time is printed for
 both sides, so each ratio can be read both ways. Threads: both children get the same OMP_NUM_THREADS
 (`--threads`), and ours the same `--run.threads`.
 
-The reference scripts are read from ../shared/baselines (or --baselines DIR).
+The reference scripts are the project's own, in bench/reference/ (the tutorials' recipes, written out;
+tests/test_reference.py checks they print what ../shared/baselines/'s do for the same seed), or
+--baselines DIR, a folder holding product_reference.py and mnist_reference.py.
 """
 
 import argparse
@@ -98,8 +100,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=5, help="fashion-mnist epochs for both sides (default: 5)")
     p.add_argument("--config", help="our config (default: configs/product.yaml, or for fashion-mnist "
                                      "configs/mnist_mlp.yaml: the reference's own settings)")
-    p.add_argument("--baselines", type=Path, default=ROOT.parent / "shared" / "baselines",
-                   help="folder of the reference scripts (default: ../shared/baselines)")
+    p.add_argument("--baselines", type=Path, default=ROOT / "bench" / "reference",
+                   help="folder of the reference scripts (default: bench/reference)")
     p.add_argument("--threads", type=int, help="intra-op threads of both sides (default: 1 for product, whose "
                                                 "tiny MLP gains nothing from more; all cores for fashion-mnist)")
     args = p.parse_args()

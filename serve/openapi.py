@@ -8,10 +8,10 @@ say `detail` is a string (BentoML's pydantic 400 sends a list), it lists 404 and
 (404 is never answered on purpose) and none of 405/413/415/422/429/503/504, it writes tuples as `prefixItems` (a JSON Schema
 2020-12 keyword that OpenAPI 3.0 ignores, so rows of any length looked valid), it leaves the mounted
 /v2 app out (it documents mounted FastAPI apps only), and its title, version and description are
-placeholders. `document` takes BentoML's document and corrects all of that; `app` serves the result
+placeholders. `document` takes BentoML's document and corrects all of that; `make_app` serves the result
 at /docs.json, mounted by `serve.service` ahead of BentoML's own /docs.json route.
 
-`app` also serves the Swagger UI at / in place of BentoML's page (_bentoml_impl/server/main-openapi.html),
+That app also serves the Swagger UI at / in place of BentoML's page (_bentoml_impl/server/main-openapi.html),
 which loads Google Tag Manager from www.googletagmanager.com: every visit would be reported to a third
 party, and behind a firewall the page waits on a host it cannot reach. This page is the same Swagger UI,
 from the files BentoML ships (bentoml/_internal/server/static_content, served at /static_content), and
@@ -34,6 +34,7 @@ A 405 is listed under the route's one operation: it is the answer to any other m
 import copy
 import json
 from pathlib import Path
+from typing import Callable
 
 import bentoml._internal.server
 from starlette.applications import Starlette
@@ -357,15 +358,27 @@ def document(bentoml_spec: dict) -> dict:
     return spec
 
 
-_document: bytes | None = None  # made once per worker, at the first request: the service does not change
+def make_app(bentoml_spec: Callable[[], dict]) -> Starlette:
+    """The app that serves the document at /docs.json, made from `bentoml_spec()` (BentoML's document, as
+    `Service.openapi_spec.asdict()` gives it) once per worker, at the first request: the service does not change.
 
+    The service passes that function in (`serve.service`), so this module does not import the service."""
+    document_bytes: bytes | None = None
 
-async def docs_json(request: Request) -> Response:
-    global _document
-    if _document is None:
-        from serve.service import TrainToDeploy  # the service imports this module: import it when it exists
-        _document = json.dumps(document(TrainToDeploy.openapi_spec.asdict())).encode()
-    return Response(_document, media_type="application/json")
+    async def docs_json(request: Request) -> Response:
+        nonlocal document_bytes
+        if document_bytes is None:
+            document_bytes = json.dumps(document(bentoml_spec())).encode()
+        return Response(document_bytes, media_type="application/json")
+
+    # Mounted at "/" by serve.service: BentoML tries its mounted apps before its own routes (/, /docs.json and
+    # /static_content, which it mounts only without its "new_index" feature: this app mounts the files itself).
+    return Starlette(routes=[
+        Route("/docs.json", docs_json, methods=["GET"]),
+        Route("/", swagger_page, methods=["GET"]),
+        Route("/docs.js", swagger_script, methods=["GET"]),
+        Mount("/static_content", StaticFiles(directory=SWAGGER_FILES)),
+    ])
 
 
 # --- the Swagger UI at / ----------------------------------------------------------------------------------
@@ -415,13 +428,3 @@ async def swagger_page(request: Request) -> Response:
 
 async def swagger_script(request: Request) -> Response:
     return Response(SWAGGER_SCRIPT, media_type="text/javascript; charset=utf-8", headers={"Cache-Control": "no-cache"})
-
-
-# Mounted at "/" by serve.service: BentoML tries its mounted apps before its own routes (/, /docs.json and
-# /static_content, which it mounts only without its "new_index" feature: this app mounts the files itself).
-app = Starlette(routes=[
-    Route("/docs.json", docs_json, methods=["GET"]),
-    Route("/", swagger_page, methods=["GET"]),
-    Route("/docs.js", swagger_script, methods=["GET"]),
-    Mount("/static_content", StaticFiles(directory=SWAGGER_FILES)),
-])

@@ -73,10 +73,14 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+# /docs.json: read from the class below at the first request, when it exists.
+docs_app = openapi.make_app(lambda: TrainToDeploy.openapi_spec.asdict())
+
+
 # One worker process: a request is about 2 ms of Python HTTP and JSON work around 15-70 us of
 # onnxruntime, and this project's machines have 2 shared cores; on a bigger machine, more workers
 # scale with the cores (BentoML splits max_concurrency between them). The limits: `serve.limits`.
-@bentoml.asgi_app(openapi.app, path="/")  # /docs.json: BentoML's document, corrected (see serve.openapi)
+@bentoml.asgi_app(docs_app, path="/")  # /docs.json: BentoML's document, corrected (see serve.openapi)
 @bentoml.asgi_app(v2_app, path="/")  # its routes start with /v2 (see serve.v2.make_app)
 @bentoml.asgi_app(ui_app, path="/")  # the page for people, /ui (serve.ui); also passive: only its routes
 @bentoml.service(workers=1, traffic={"timeout": TIMEOUT_S, "max_concurrency": MAX_CONCURRENCY})

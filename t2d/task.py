@@ -256,7 +256,7 @@ class Task:
     """Everything task-specific. See the module docstring and examples/."""
 
     name: str
-    """The model's name in the store and on the wire (/v2/models/<name>); lowercase letters, digits, '-', '_', '.'."""
+    """The model's name in the store and on the wire (`/v2/models/<name>`); lowercase letters, digits, '-', '_', '.'."""
     kind: str
     """regression (MSE on the standardized target; metrics mse, mae, mre) or classification
     (cross-entropy; metrics accuracy and a confusion matrix), of the `target` output."""

@@ -1,1 +1,1 @@
-"""Training for the built-in tasks: `python -m train --help`."""
+"""Training of any `t2d.Task`, built in or a user's own: `python -m train --help`."""

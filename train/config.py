@@ -34,7 +34,7 @@ class RunConfig:
     task: str = "product"
     """A built-in task (product | mnist | fashion-mnist) or module:ATTRIBUTE naming a user's t2d.Task."""
     out: str = ""
-    """Run folder for checkpoints and logs; empty means runs/<task name>."""
+    """Run folder for checkpoints and logs; empty means `runs/<task name>`."""
     epochs: int = 10
     """Maximum number of epochs (the run may stop earlier, see `stop`)."""
     seed: int = 0
@@ -75,7 +75,7 @@ class RunConfig:
 class DataConfig:
     dir: str = ""
     """The task's data folder (t2d.DataOptions.dir). Built-in image tasks: MNIST / Fashion-MNIST IDX files
-    (or torchvision's layout); empty means data/<task> and, for Fashion-MNIST, also Debian's
+    (or torchvision's layout); empty means `data/<task>` and, for Fashion-MNIST, also Debian's
     /usr/share/datasets/fashion-mnist."""
     download: bool = True
     """Built-in image tasks: try torchvision's download when the IDX files are missing."""
@@ -209,7 +209,7 @@ class StopConfig:
 @dataclass
 class LogConfig:
     tensorboard: bool = True
-    """Write TensorBoard event files to <out>/tensorboard."""
+    """Write TensorBoard event files to `<out>/tensorboard`."""
     histograms: int = 20
     """Weight histograms per run in TensorBoard, spread evenly over the epochs (and the first); 0 = none.
     A count, not an interval: each costs ~0.5 ms a parameter, which adds up over 1000 short epochs."""

@@ -47,7 +47,7 @@ def parse_args(argv: list[str]) -> tuple[Config, dict | None]:
     p = _Parser(prog="python -m train", description="Train a task (built in, or a t2d.Task of your own) and write "
                                                      "a run folder.",
                 epilog="Any config field can be set as --section.field value; sections: "
-                       + ", ".join(["model", *SECTIONS]) + ". See configs/ and README.md.")
+                       + ", ".join(["model", *SECTIONS]) + ". See configs/ and docs/training.md.")
     p.add_argument("--task", help=f"{' | '.join(builtin_tasks())} | module:ATTRIBUTE, a t2d.Task in a Python file on "
                                   "the path, e.g. my_task:TASK (default: product)")
     p.add_argument("--out", help="run folder (default: runs/<task>)")
