@@ -19,6 +19,7 @@ request.
 import asyncio
 import contextvars
 import json
+import os
 import re
 from contextvars import ContextVar
 
@@ -35,6 +36,13 @@ MAX_CONCURRENCY = 128
 # Seconds from a request's headers to the start of its answer before BentoML answers 504 (its default
 # is 60). A request takes milliseconds; this bounds a stuck one and a client that sends its body slowly.
 TIMEOUT_S = 30
+
+# Binary requests (Triton's binary tensor extension, /v2 only) carry raw tensors: a batch of 16 3x224x224 images
+# is 9.6 MB. Each model's limit is its largest valid request (MAX_ROWS rows), but never above this ceiling, which
+# T2D_MAX_BINARY_BYTES sets: with MAX_CONCURRENCY requests reading bodies at once, the worst case is their product.
+BINARY_CEILING = int(os.environ.get("T2D_MAX_BINARY_BYTES", 64 << 20))
+BINARY_HEADER = "inference-header-content-length"
+OCTET_STREAM = "application/octet-stream"
 
 # The number of '"' bytes in the JSON body of the request being handled; set by RequestGuard.
 body_quotes: ContextVar[int | None] = ContextVar("body_quotes", default=None)
@@ -54,11 +62,14 @@ class RequestGuard:
     """
 
     def __init__(self, app, routes: dict[str, str], patterns: dict[str, str] | None = None,
-                 max_bytes: int = MAX_BODY_BYTES):
+                 max_bytes: int = MAX_BODY_BYTES, binary_limit=None):
         self.app = app
         self.routes = routes
         self.patterns = [(re.compile(p), content_type) for p, content_type in (patterns or {}).items()]
         self.max_bytes = max_bytes
+        # path -> the most bytes a binary request (Triton's binary tensor extension) to it may have, or None for
+        # routes that take none: the model's own largest request, within BINARY_CEILING.
+        self.binary_limit = binary_limit
 
     def expected_type(self, path: str) -> str | None:
         expected = self.routes.get(path)
@@ -83,23 +94,30 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         content_type = headers.get("content-type", expected).split(";")[0].strip().lower()
+        limit, what = self.max_bytes, ""
+        binary = BINARY_HEADER in headers and self.binary_limit is not None
+        if binary:  # a JSON header and raw tensors: the body may be as large as the model's largest request
+            limit = self.binary_limit(scope["path"]) or self.max_bytes
+            what = " for this model's binary requests"
+            if content_type == OCTET_STREAM:
+                content_type = expected
         if content_type != expected:
             return await send_error(send, 415, f"Content-Type must be {expected} for {scope['path']}, "
                                                f"got {content_type or 'an empty one'}")
         length = headers.get("content-length", "")  # uvicorn has already refused a malformed one
-        if length.isdigit() and int(length) > self.max_bytes:
-            return await send_error(send, 413, self._too_big(int(length)))
+        if length.isdigit() and int(length) > limit:
+            return await send_error(send, 413, self._too_big(int(length), limit, what=what))
         body = bytearray()
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                return await send_error(send, 413, self._too_big(len(body), at_least=True))
+            if len(body) > limit:
+                return await send_error(send, 413, self._too_big(len(body), limit, at_least=True, what=what))
             if not message.get("more_body", False):
                 break
-        if expected == JSON:
+        if expected == JSON and not binary:
             body_quotes.set(body.count(b'"'))
 
         replayed = False
@@ -113,9 +131,10 @@ class RequestGuard:
 
         await self.app(scope, replay, send)
 
-    def _too_big(self, size: int, at_least: bool = False) -> str:
+    @staticmethod
+    def _too_big(size: int, limit: int, at_least: bool = False, what: str = "") -> str:
         return (f"request body is {'over ' if at_least else ''}{size} bytes; "
-                f"the limit is {self.max_bytes} bytes ({self.max_bytes // 1024} KiB)")
+                f"the limit{what} is {limit} bytes ({limit // 1024} KiB)")
 
 
 async def send_error(send, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:

@@ -195,19 +195,26 @@ V2_SCHEMAS = {
         "properties": {"variant": {"type": "string", "enum": ["fp32", "int8", "fp16"],
                                    "description": "fp32, or the quantized variant `python -m export --quantize` made"}}},
     "V2Parameters": {
-        "type": "object", "description": "strings, numbers or booleans; the binary tensor extension is not offered",
-        "properties": {k: {"type": "boolean", "enum": [False]} for k in ("binary_data", "binary_data_output",
-                                                                          "binary_data_size")},
+        "type": "object", "description": "strings, numbers or booleans. Triton's binary tensor extension: an input's "
+                                         "binary_data_size (its bytes after the JSON header, whose length the "
+                                         "Inference-Header-Content-Length header gives), an output's binary_data, "
+                                         "the request's binary_data_output; such answers are that JSON header and "
+                                         "the raw outputs, not JSON alone",
+        "properties": {"binary_data": {"type": "boolean"}, "binary_data_output": {"type": "boolean"},
+                       "binary_data_size": {"type": "integer", "minimum": 0}},
         "additionalProperties": {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}},
     # Each level holds numbers or lists, never both (the server refuses a mix).
-    "V2Data": {"description": "row-major values, flat or nested as the shape",
-               "anyOf": [{"type": "array", "items": FINITE}, {"type": "array", "items": {"$ref": REF + "V2Data"}}]},
+    "V2Data": {"description": "row-major values, flat or nested as the shape: numbers (FP32, INT64: integers), "
+                              "booleans (BOOL) or strings (BYTES: text, for an input that takes it)",
+               "anyOf": [{"type": "array", "items": FINITE}, {"type": "array", "items": {"type": "boolean"}},
+                         {"type": "array", "items": {"type": "string"}},
+                         {"type": "array", "items": {"$ref": REF + "V2Data"}}]},
     "V2RequestInput": {
         "type": "object", "required": ["name", "shape", "datatype", "data"], "additionalProperties": False,
         "properties": {"name": {"type": "string", "example": "x"},
                        "shape": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1},
                                  "example": [1, 2]},
-                       "datatype": {"type": "string", "enum": sorted({d[0] for d in DTYPES.values()})},
+                       "datatype": {"type": "string", "enum": sorted({d[0] for d in DTYPES.values()} | {"BYTES"})},
                        "data": {"$ref": REF + "V2Data"},
                        "parameters": {"$ref": REF + "V2Parameters"}}},
     "V2RequestOutput": {"type": "object", "required": ["name"], "additionalProperties": False,
@@ -228,7 +235,9 @@ V2_SCHEMAS = {
     "V2Tensor": {"type": "object", "required": ["name", "datatype", "shape", "data"], "additionalProperties": False,
                  "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
                                 "shape": {"type": "array", "items": {"type": "integer"}},
-                                "data": {"type": "array", "items": {"type": "number"}, "description": "flat"}}},
+                                "data": {"type": "array", "items": {"type": "number"}, "description": "flat"},
+                                "parameters": {"type": "object", "description": "binary_data_size, for an output "
+                                                                                "sent as binary data (then no data)"}}},
     "V2InferenceResponse": {
         "type": "object", "required": ["model_name", "model_version", "parameters", "outputs"],
         "additionalProperties": False,

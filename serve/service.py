@@ -59,7 +59,7 @@ from serve.drain import mend_uvicorn_shutdown
 from serve.limits import JSON, MAX_CONCURRENCY, PNG, TIMEOUT_S, RequestGuard, mend_bentoml_timeout
 from serve.store import ModelRunError, OnnxModel, load_registry, registered_tags
 from serve.ui import app as ui_app, cards
-from serve.v2 import V2_POST_ROUTE, app as v2_app
+from serve.v2 import V2_POST_ROUTE, app as v2_app, binary_limit
 from serve.validate import (ClassifyInput, ClassifyOutput, InputError, PredictBatchInput, PredictBatchOutput,
                             PredictInput, PredictOutput, check_unique_keys, png_pixels, quiet_validation_errors)
 
@@ -174,7 +174,7 @@ class TrainToDeploy:
 
 TrainToDeploy.add_asgi_middleware(RequestGuard, routes={
     "/predict": JSON, "/predict_batch": JSON, "/classify": JSON, "/classify_png": PNG,
-}, patterns={V2_POST_ROUTE: JSON})
+}, patterns={V2_POST_ROUTE: JSON}, binary_limit=binary_limit)
 mend_bentoml_timeout()  # BentoML's 504 timer, without the memory it holds after each request
 mend_uvicorn_shutdown()  # at SIGTERM, answers say Connection: close; kept-alive clients are not cut off
 quiet_validation_errors()

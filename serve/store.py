@@ -53,7 +53,7 @@ from bentoml.exceptions import NotFound
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import uses_external_data
 
-from serve.contract import Signature, TensorSpec, check_graph, signature_of, trial_inputs
+from serve.contract import Signature, TensorSpec, check_graph, output_shape, signature_of, trial_inputs
 from t2d import selfcheck  # torch-free, as t2d.cpu and t2d.files
 from t2d.cpu import cpu_info, describe
 from t2d.files import first_line  # the one one-line-error helper of train, export and serve
@@ -313,11 +313,15 @@ def open_model(tag: str) -> OnnxModel:
         check_graph(signature, session.get_inputs(), session.get_outputs())
         model = OnnxModel(tag, contract, session, signature)
         # One real run now, so a graph that does not compute what its metadata says fails here, not on a request.
-        outs = model.run_named(trial_inputs(signature), [o.name for o in signature.outputs])
+        trial = trial_inputs(signature)
+        outs = model.run_named(trial, [o.name for o in signature.outputs])
+        sizes = {d: trial[i.name].shape[axis + 1] for i in signature.inputs
+                 for axis, d in enumerate(i.sample_shape) if isinstance(d, str)}
         for spec, out in zip(signature.outputs, outs):
-            if out.shape != (2, *spec.sample_shape) or out.dtype != spec.np_dtype:
+            want = output_shape(spec, 2, sizes)
+            if out.shape != want or out.dtype != spec.np_dtype:
                 raise ValueError(f"a batch of 2 gave output {spec.name!r} of shape {list(out.shape)} and dtype "
-                                 f"{out.dtype}, expected {[2, *spec.sample_shape]} and {spec.dtype}")
+                                 f"{out.dtype}, expected {list(want)} and {spec.dtype}")
         check_variant(model, entry)
     except ModelError:
         raise

@@ -1,9 +1,12 @@
-"""Every served model over the Open Inference Protocol (KServe v2, Triton's HTTP/REST), JSON only.
+"""Every served model over the Open Inference Protocol (KServe v2, Triton's HTTP/REST), JSON or binary.
 
     curl -s -X POST 127.0.0.1:3000/v2/models/product/infer -H 'Content-Type: application/json' \\
         -d '{"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [3, 4]}]}'
     -> {"model_name":"product","model_version":"...",
         "outputs":[{"name":"y","datatype":"FP32","shape":[1,1],"data":[12.01...]}]}
+
+Triton's binary tensor data extension (what `tritonclient.http` uses by default) and every datatype a
+contract takes (FP32, INT64, BOOL; BYTES text for a tokenized input): `serve.tensors`.
 
 Routes (a Starlette app that `serve.service` mounts into the same `bentoml serve`):
 GET /v2 (server metadata), /v2/health/live, /v2/health/ready (the /readyz rule), /v2/models/{name}
@@ -21,7 +24,6 @@ HTTP and routing, and json's C decoder parses a 256-row body in about 0.1 ms.
 
 import json
 from importlib import metadata
-from itertools import chain
 
 import numpy as np
 from starlette.applications import Starlette
@@ -31,9 +33,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from serve.contract import FLOAT32_MAX, TensorSpec
-from serve.limits import MAX_ROWS
+from serve.contract import TensorSpec
+from serve.limits import BINARY_CEILING, MAX_ROWS
 from serve.store import PINS_ENV, ModelRunError, OnnxModel, Registry
+from serve.tensors import HEADER_LENGTH, V2Error, encode_output, parse_inputs, show, split_body
 from t2d.files import first_line
 
 SERVER_NAME = "train-to-deploy"
@@ -41,10 +44,7 @@ PLATFORM = "onnxruntime_onnx"
 # The POST routes, for RequestGuard (matched against the full path, mount prefix included).
 V2_POST_ROUTE = r"/v2/models/[^/]+(?:/versions/[^/]+)?/infer"
 REQUEST_KEYS = frozenset({"id", "inputs", "outputs", "parameters"})
-INPUT_KEYS = frozenset({"name", "shape", "datatype", "data", "parameters"})
 OUTPUT_KEYS = frozenset({"name", "parameters"})
-# Parameters that ask for the binary tensor extension, which this server does not offer (extensions: []).
-BINARY_PARAMETERS = ("binary_data", "binary_data_output", "binary_data_size")
 # Elements per request above which the model runs in a worker thread: a big CNN batch takes tens of
 # ms, which would stall every other connection; a small one is faster inline than a thread hop (~0.1 ms).
 INLINE_ELEMENTS = 100_000
@@ -58,16 +58,8 @@ def _package_version() -> str:
 
 
 PACKAGE_VERSION = _package_version()
-SERVER_METADATA = json.dumps({"name": SERVER_NAME, "version": PACKAGE_VERSION, "extensions": []}).encode()
-
-
-class V2Error(Exception):
-    """A request this server cannot answer: `status` (4xx, 503, or 500 when a model fails on valid input) and a
-    one-line message that says what to fix."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+SERVER_METADATA = json.dumps({"name": SERVER_NAME, "version": PACKAGE_VERSION,
+                              "extensions": ["binary_tensor_data"]}).encode()
 
 
 def _json(status: int, content: bytes | dict) -> Response:
@@ -110,34 +102,68 @@ async def model_ready(request: Request) -> Response:
 
 async def infer(request: Request) -> Response:
     model = _model(request)
-    body = parse_body(await request.body())
-    feeds, rows = parse_inputs(body.get("inputs"), model.inputs)
-    wanted = parse_outputs(body["outputs"], model.outputs) if "outputs" in body else model.outputs
+    header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+    body = parse_body(header)
     if "parameters" in body:
         check_parameters(body["parameters"], "parameters")
+    feeds, rows = parse_inputs(body.get("inputs"), model.inputs, binary, check_parameters)
+    wanted = parse_outputs(body["outputs"], model.outputs) if "outputs" in body else [
+        (spec, None) for spec in model.outputs]
     if "id" in body and type(body["id"]) is not str:
-        raise V2Error(400, f"id must be a string, got {_show(body['id'])}")
-    names = [s.name for s in wanted]
+        raise V2Error(400, f"id must be a string, got {show(body['id'])}")
+    names = [spec.name for spec, _ in wanted]
     try:
-        if rows * sum(s.size for s in model.inputs) > INLINE_ELEMENTS:
+        if sum(x.size for x in feeds.values()) > INLINE_ELEMENTS:
             outs = await run_in_threadpool(model.run_named, feeds, names)
         else:
             outs = model.run_named(feeds, names)
     except ModelRunError as e:
         raise V2Error(e.status, str(e)) from e
+    all_binary = (body.get("parameters") or {}).get("binary_data_output") is True
     answer = {"model_name": model.name, "model_version": model.version, "parameters": {"variant": model.variant}}
     if "id" in body:
         answer["id"] = body["id"]
-    answer["outputs"] = [_output(spec, out) for spec, out in zip(wanted, outs)]
-    return _json(200, answer)
+    answer["outputs"], data = [], []
+    for (spec, binary_out), out in zip(wanted, outs):
+        _finite(spec, out)
+        entry, raw = encode_output(spec, out, all_binary if binary_out is None else binary_out)
+        answer["outputs"].append(entry)
+        data.append(raw)
+    if not any(data):
+        return _json(200, answer)
+    head = json.dumps(answer, separators=(",", ":")).encode()
+    return Response(head + b"".join(data), status_code=200, media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(head))})
 
 
-def _output(spec: TensorSpec, out: np.ndarray) -> dict:
+def _finite(spec: TensorSpec, out: np.ndarray) -> None:
     if not np.isfinite(out).all():
         bad = np.flatnonzero(~np.isfinite(out.reshape(len(out), -1)).all(axis=1))[:10].tolist()
         raise V2Error(422, f"the model's output {spec.name!r} is not finite for row(s) {bad}: inputs this far "
                            f"outside the training range overflow float32")
-    return {"name": spec.name, "datatype": spec.datatype, "shape": list(out.shape), "data": out.ravel().tolist()}
+
+
+# --- how large a binary request may be -----------------------------------------------------------
+
+ELEMENT_BYTES = {"FP32": 4, "INT64": 8, "BOOL": 1}
+HEADER_BYTES = 1 << 16  # the JSON header of a binary request: names, shapes and parameters only
+TEXT_TOKEN_BYTES = {"char": 4, "word": 64}  # UTF-8 takes at most 4 bytes a character; words, a generous bound
+
+
+def binary_limit(path: str) -> int | None:
+    """The largest binary request the model that `path` names can take (MAX_ROWS rows of every input at its
+    largest, text at its longest), within BINARY_CEILING; None where no model is served under that name."""
+    registry = app.state.registry
+    parts = path.split("/")
+    served = registry.models.get(parts[3]) if registry is not None and len(parts) > 3 else None
+    if served is None or served.model is None:
+        return None
+    row = 0
+    for spec in served.model.inputs:
+        row += spec.size * ELEMENT_BYTES[spec.datatype]
+        if spec.tokenizer is not None:
+            row = max(row, 4 + spec.max_length * TEXT_TOKEN_BYTES[spec.tokenizer.level])
+    return min(BINARY_CEILING, HEADER_BYTES + MAX_ROWS * row)
 
 
 # --- which model -----------------------------------------------------------------------------------
@@ -210,121 +236,43 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
-def parse_inputs(entries, specs: tuple[TensorSpec, ...]) -> tuple[dict[str, np.ndarray], int]:
-    """The feeds for onnxruntime, one per contract input, and the number of rows."""
-    expected = ", ".join(f"{s.name} ({s.datatype} [n, {', '.join(map(str, s.sample_shape))}])" for s in specs)
-    if type(entries) is not list or not entries:
-        raise V2Error(400, f"inputs must be a non-empty list; this model takes {expected}")
-    by_name = {s.name: s for s in specs}
-    feeds: dict[str, np.ndarray] = {}
-    rows = None
-    for i, entry in enumerate(entries):
-        where = f"inputs[{i}]"
-        if type(entry) is not dict:
-            raise V2Error(400, f"{where} must be an object with name, shape, datatype and data")
-        missing = INPUT_KEYS - {"parameters"} - entry.keys()
-        unknown = entry.keys() - INPUT_KEYS
-        if missing or unknown:
-            raise V2Error(400, f"{where} " + (f"lacks {', '.join(sorted(missing))}" if missing else
-                                              f"has unknown key(s) {sorted(unknown)}") +
-                          f"; it takes {', '.join(sorted(INPUT_KEYS))}")
-        spec = by_name.get(entry["name"]) if type(entry["name"]) is str else None
-        if spec is None:
-            raise V2Error(400, f"{where}.name is {_show(entry['name'])}; this model takes {expected}")
-        if spec.name in feeds:
-            raise V2Error(400, f"input {spec.name!r} is given twice; send each input once")
-        if "parameters" in entry:
-            check_parameters(entry["parameters"], f"{where}.parameters")
-        feeds[spec.name] = x = input_array(entry, spec, f"{where} ({spec.name})")
-        if rows is not None and len(x) != rows:
-            raise V2Error(400, f"{where} has {len(x)} rows and an earlier input {rows}; "
-                               f"send the same rows for every input")
-        rows = len(x)
-    if len(feeds) != len(specs):
-        missing = [s.name for s in specs if s.name not in feeds]
-        raise V2Error(400, f"missing input(s) {missing}; this model takes {expected}")
-    return feeds, rows
-
-
-def input_array(entry: dict, spec: TensorSpec, where: str) -> np.ndarray:
-    """One input's data as an array of the contract's shape and dtype, after checking every value."""
-    datatype, shape, data = entry["datatype"], entry["shape"], entry["data"]
-    if datatype != spec.datatype:
-        raise V2Error(400, f"{where}.datatype is {_show(datatype)}; send {spec.datatype}")
-    sample = list(spec.sample_shape)
-    wanted = f"[n, {', '.join(map(str, sample))}] with 1 <= n <= {MAX_ROWS}"
-    if not (type(shape) is list and all(type(d) is int for d in shape) and len(shape) == 1 + len(sample)
-            and shape[1:] == sample and 1 <= shape[0] <= MAX_ROWS):
-        raise V2Error(400, f"{where}.shape is {_show(shape)}; send {wanted}")
-    if type(data) is not list:
-        raise V2Error(400, f"{where}.data must be a list of numbers (flat, row-major), got {_show(data)}")
-    flat = data
-    for _ in range(len(shape) - 1):  # nested lists, as the protocol allows: flatten level by level
-        if not flat or type(flat[0]) is not list:
-            break
-        if not all(type(v) is list for v in flat):
-            raise V2Error(400, f"{where}.data mixes lists and numbers at one level; "
-                               f"send it flat, or nested as its shape")
-        flat = list(chain.from_iterable(flat))
-    count = shape[0] * spec.size
-    if len(flat) != count:
-        raise V2Error(400, f"{where}.data has {len(flat)} values; shape {shape} needs {count}")
-    if not set(map(type, flat)) <= {float, int}:  # bool, str, None, a list or an object
-        bad = next(v for v in flat if type(v) not in (float, int))
-        raise V2Error(400, f"{where}.data holds {_show(bad)}; send numbers")
-    try:
-        x = np.array(flat, dtype=np.float64)
-    except OverflowError:  # an integer beyond float64
-        raise V2Error(400, f"{where}.data holds an integer beyond float32 (|x| <= 3.4e38)") from None
-    if not np.abs(x).max() <= FLOAT32_MAX:  # 1e400 parses as inf
-        raise V2Error(400, f"{where}.data holds {x[np.abs(x) > FLOAT32_MAX][0]:g}, beyond float32 (|x| <= 3.4e38)")
-    if spec.range is not None:
-        low, high = spec.range
-        if x.min() < low or x.max() > high:
-            i = int(np.flatnonzero((x < low) | (x > high))[0])
-            raise V2Error(400, f"{where}.data[{i}] is {flat[i]}, outside the valid range [{low:g}, {high:g}]")
-    return x.astype(spec.np_dtype).reshape(shape)
-
-
-def parse_outputs(entries, specs: tuple[TensorSpec, ...]) -> list[TensorSpec]:
+def parse_outputs(entries, specs: tuple[TensorSpec, ...]) -> list[tuple[TensorSpec, bool | None]]:
+    """The outputs asked for, each with whether it is wanted as binary data (None: as the request's default)."""
     names = ", ".join(s.name for s in specs)
     if type(entries) is not list or not entries:
         raise V2Error(400, f"outputs, when given, must be a non-empty list of {{\"name\"}}; this model gives {names}")
     by_name = {s.name: s for s in specs}
-    wanted: list[TensorSpec] = []
+    wanted: list[tuple[TensorSpec, bool | None]] = []
     for i, entry in enumerate(entries):
         where = f"outputs[{i}]"
         if type(entry) is not dict or "name" not in entry or entry.keys() - OUTPUT_KEYS:
             raise V2Error(400, f"{where} must be an object with a name (and optional parameters)")
         spec = by_name.get(entry["name"]) if type(entry["name"]) is str else None
         if spec is None:
-            raise V2Error(400, f"{where}.name is {_show(entry['name'])}; this model gives {names}")
-        if spec in wanted:
+            raise V2Error(400, f"{where}.name is {show(entry['name'])}; this model gives {names}")
+        if any(spec is w for w, _ in wanted):
             raise V2Error(400, f"output {spec.name!r} is requested twice")
+        binary = None
         if "parameters" in entry:
             check_parameters(entry["parameters"], f"{where}.parameters")
-        wanted.append(spec)
+            binary = entry["parameters"].get("binary_data")
+            if binary is not None and type(binary) is not bool:
+                raise V2Error(400, f"{where}.parameters.binary_data must be true or false, got {show(binary)}")
+        wanted.append((spec, binary))
     return wanted
 
 
 def check_parameters(parameters, where: str) -> None:
-    """Parameters are an object of strings, numbers and booleans (the protocol's rule); the binary extension's
-    are refused, as this server answers JSON only. Others carry nothing this server uses."""
+    """Parameters are an object of strings, numbers and booleans (the protocol's rule). The binary extension's
+    (binary_data_size, binary_data, binary_data_output) are read where they apply; others carry nothing this
+    server uses."""
     if type(parameters) is not dict:
         raise V2Error(400, f"{where} must be an object")
     for key, value in parameters.items():
         if type(value) not in (str, int, float, bool):
-            raise V2Error(400, f"{where}.{key} is {_show(value)}; parameters are strings, numbers or booleans")
-        if key in BINARY_PARAMETERS and value is not False:
-            raise V2Error(400, f"{where}.{key}: binary tensor data is not supported; send JSON data")
-
-
-
-
-def _show(value) -> str:
-    """A client's value in an error message: JSON, cut short."""
-    text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+            raise V2Error(400, f"{where}.{key} is {show(value)}; parameters are strings, numbers or booleans")
+    if "binary_data_output" in parameters and type(parameters["binary_data_output"]) is not bool:
+        raise V2Error(400, f"{where}.binary_data_output must be true or false")
 
 
 # --- the app ---------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ def create(name, edit_contract=None, edit_graph=None):
 def version_2(c):  # what the exporter writes from now on, with other names
     c.update(contract_version=2, variant="fp32")
     c.pop("pixel_scale", None)  # contracts before version 2
+    c.pop("target", None)  # version 3's: version 2 scores the first output
     c["inputs"][0].update(name="features", range=[0, 100])
     c["outputs"][0]["name"] = "target"
 
@@ -137,7 +138,7 @@ def infer(srv: Server, model: str, x, name: str = "x", **extra):
 
 def test_server_metadata_and_health(server):
     meta = server.expect(server.get("/v2"), 200)
-    assert meta["name"] == "train-to-deploy" and meta["extensions"] == [] and meta["version"]
+    assert meta["name"] == "train-to-deploy" and meta["extensions"] == ["binary_tensor_data"] and meta["version"]
     assert server.expect(server.get("/v2/health/live"), 200) == {"live": True}
     assert server.expect(server.get("/v2/health/ready"), 200) == {"ready": True}
     assert server.get("/readyz").status == 200
@@ -224,6 +225,90 @@ def test_classifier_infer_gives_the_logits_of_the_typed_endpoints_probabilities(
         np.testing.assert_allclose(out["data"], direct[0], rtol=0, atol=1e-5)
 
 
+# --- Triton's binary tensor data extension ----------------------------------------------------------------------
+
+def triton(server):
+    import tritonclient.http as httpclient
+
+    return httpclient, httpclient.InferenceServerClient(f"127.0.0.1:{server.port}")
+
+
+@pytest.mark.parametrize("model,name,rows", [("product", "x", 5), ("fashion-mnist", "image", 600)])
+def test_tritonclient_with_its_defaults_gets_onnxruntime_s_answers(server, store, model, name, rows):
+    """tritonclient's defaults send the inputs as binary data and ask for every output as binary data. 600 images
+    are 1.9 MB of binary data, more than the 1 MiB a JSON body may be."""
+    httpclient, client = triton(server)
+    rng = np.random.default_rng(rows)
+    x = (rng.uniform(1, 10, (rows, 2)) if model == "product" else rng.random((rows, 1, 28, 28))).astype(np.float32)
+    inp = httpclient.InferInput(name, list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)  # binary_data=True: the default
+    result = client.infer(model, [inp])  # no outputs named: all of them, as binary data
+    answer = result.get_response()
+    assert answer["parameters"] == {"variant": "fp32"}
+    assert all("binary_data_size" in o["parameters"] and "data" not in o for o in answer["outputs"])
+    (direct,) = store.session(model).run(None, {name: x})
+    out_name = answer["outputs"][0]["name"]
+    np.testing.assert_array_equal(result.as_numpy(out_name), direct)
+    client.close()
+
+
+def test_binary_and_json_inputs_and_outputs_mix(server, store):
+    """One output as binary data, asked by name, while the input is JSON; and the other way round."""
+    httpclient, client = triton(server)
+    x = np.array([[3, 4], [2, 5]], dtype=np.float32)
+    (direct,) = store.session("product").run(None, {"x": x})
+    for binary_in, binary_out in ((False, True), (True, False)):
+        inp = httpclient.InferInput("x", [2, 2], "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary_in)
+        result = client.infer("product", [inp], outputs=[httpclient.InferRequestedOutput("y", binary_data=binary_out)])
+        (out,) = result.get_response()["outputs"]
+        assert ("data" in out) != binary_out
+        np.testing.assert_array_equal(result.as_numpy("y"), direct)
+    client.close()
+
+
+def binary_request(server, header: dict, data: bytes, header_length: int | None = None):
+    head = json.dumps(header).encode()
+    return server.request("POST", "/v2/models/product/infer", head + data,
+                          {"Inference-Header-Content-Length": str(len(head) if header_length is None
+                                                                  else header_length)})
+
+
+BINARY_BAD = {
+    "fewer bytes than the size says": ({"binary_data_size": 16}, np.ones(3, "<f4").tobytes(), None,
+                                       "only 12 bytes of binary data are left"),
+    "size disagrees with the shape": ({"binary_data_size": 12}, np.ones(3, "<f4").tobytes(), None,
+                                      "has 12 bytes of binary data; shape [2, 2] of FP32 needs 16"),
+    "bytes left over": ({"binary_data_size": 16}, np.ones(5, "<f4").tobytes(), None,
+                        "4 bytes of binary data that no input's binary_data_size accounts for"),
+    "header longer than the body": ({"binary_data_size": 16}, np.ones(4, "<f4").tobytes(), 10 ** 6,
+                                    "Inference-Header-Content-Length is '1000000'"),
+    "NaN in binary data": ({"binary_data_size": 16}, np.array([1, np.nan, 2, 3], "<f4").tobytes(), None,
+                           "beyond float32"),
+    "negative size": ({"binary_data_size": -1}, b"", None, "binary_data_size must be a byte count"),
+}
+
+
+@pytest.mark.parametrize("name", BINARY_BAD)
+def test_malformed_binary_requests_are_400(server, name):
+    parameters, data, header_length, message = BINARY_BAD[name]
+    header = {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "parameters": parameters}]}
+    reply = binary_request(server, header, data, header_length)
+    assert reply.status == 400 and message in reply.json["error"], (reply.status, reply.body)
+    assert server.expect(infer(server, "product", [[3, 4]]), 200)
+
+
+def test_binary_bodies_are_limited_by_what_the_model_can_take(server):
+    """A binary request may be larger than a JSON one (1 MiB), up to the model's largest valid request: the product
+    model takes 4096 rows of 2 floats (32 KiB) plus a header, so 1 MiB of binary data is refused before it is read."""
+    data = np.ones(2 * 131072, "<f4").tobytes()  # 1 MiB
+    header = {"inputs": [{"name": "x", "shape": [131072, 2], "datatype": "FP32",
+                          "parameters": {"binary_data_size": len(data)}}]}
+    reply = binary_request(server, header, data)
+    assert reply.status == 413 and "the limit for this model's binary requests is" in reply.json["error"], reply.body
+    assert server.expect(infer(server, "product", [[3, 4]]), 200)
+
+
 def test_non_finite_output_is_422_and_the_server_keeps_serving(server):
     assert np.isfinite(server.expect(infer(server, "loud", [[3, 4]]), 200)["outputs"][0]["data"]).all()
     error = server.expect(infer(server, "loud", [[3, 4], [1e30, 1e30]]), 422)["error"]
@@ -301,7 +386,7 @@ BAD = {
     "count below shape": (P, body(shape=[2, 2], data=[1, 2, 3]), JSON, 400, "data has 3 values; shape [2, 2] needs 4"),
     "count above shape": (P, body(data=[1, 2, 3]), JSON, 400, "data has 3 values; shape [1, 2] needs 2"),
     "nested mixed": (P, body(shape=[2, 2], data=[[1, 2], 3, 4]), JSON, 400, "mixes lists and numbers"),
-    "data not a list": (P, body(data="3,4"), JSON, 400, "data must be a list of numbers"),
+    "data not a list": (P, body(data="3,4"), JSON, 400, "data must be a list (flat, row-major)"),
     "number as string": (P, body(data=["3", 4]), JSON, 400, 'data holds "3"; send numbers'),
     "bool": (P, body(data=[True, 4]), JSON, 400, "data holds true; send numbers"),
     "null": (P, body(data=[None, 4]), JSON, 400, "data holds null; send numbers"),
@@ -326,8 +411,8 @@ BAD = {
     "empty outputs": (P, {**body(), "outputs": []}, JSON, 400, "outputs, when given, must be a non-empty list"),
     "output twice": (P, {**body(), "outputs": [{"name": "y"}, {"name": "y"}]}, JSON, 400, "requested twice"),
     "id not a string": (P, {**body(), "id": 7}, JSON, 400, "id must be a string"),
-    "binary data asked for": (P, {**body(), "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}, JSON,
-                              400, "binary tensor data is not supported"),
+    "binary_data not a boolean": (P, {**body(), "outputs": [{"name": "y", "parameters": {"binary_data": 1}}]}, JSON,
+                                  400, "binary_data must be true or false"),
     "parameters not an object": (P, {**body(), "parameters": [1]}, JSON, 400, "parameters must be an object"),
     "unknown top-level key": (P, {**body(), "input": []}, JSON, 400, "unknown key(s) ['input'] in the body"),
     "key twice": (P, '{"inputs": [], "inputs": ' + json.dumps(body()["inputs"]) + "}", JSON, 400,
