@@ -47,8 +47,8 @@ def layers(model: onnx.ModelProto) -> list[Layer]:
     producer = {o: node for node in model.graph.node for o in node.output}
     found = []
     for node in model.graph.node:
-        if node.op_type not in LAYER_OPS:
-            continue
+        if node.op_type not in LAYER_OPS or (node.op_type == "Gather" and node.input[0] not in weights):
+            continue  # a Gather that indexes activations (a Transformer's select) has nothing to quantize
         tail, last = [], node
         while len(last.output) == 1 and len(consumers.get(last.output[0], [])) == 1:
             last = consumers[last.output[0]][0]

@@ -108,7 +108,7 @@ def parse_args(argv: list[str]) -> ExportOptions:
                         "float32 model's (default: 10)")
     p.add_argument("--int8-method", choices=METHODS, default="auto",
                    help="int8: static (calibrated QDQ), dynamic, or auto: static for classifiers, dynamic for "
-                        "regression (default: auto)")
+                        "regression and models that take ids (default: auto)")
     p.add_argument("--int8-format", choices=INT8_FORMATS, default="portable",
                    help="int8: portable (right on every x86-64 CPU) or vnni (full 8-bit weights, for CPUs with "
                         "avx512_vnni, avx_vnni or amx_int8 only; served nowhere else) (default: portable)")
@@ -313,8 +313,9 @@ def summary_lines(exp: Exported, report: dict[str, Any]) -> list[str]:
     lines = []
     for fmt, path in exp.files.items():
         w = report["worst"][fmt]
+        sizes = f" and sizes {', '.join(map(str, report['sizes']))}" if report.get("sizes") else ""
         lines.append(f"{fmt:<12} {path}  {path.stat().st_size / 1024:.0f} KiB  parity ok at batch "
-                     f"{', '.join(map(str, report['batch_sizes']))}: max abs err {w['max_abs_err']:.2e}, "
+                     f"{', '.join(map(str, report['batch_sizes']))}{sizes}: max abs err {w['max_abs_err']:.2e}, "
                      f"max rel err {w['max_rel_err']:.2e}")
     return lines
 

@@ -10,8 +10,9 @@ is exact: `fold_batchnorm_through_maxpool`), then
            seeded sample of the task's *training* split; what the classifiers get;
   dynamic  int8 weights, activation ranges computed per batch at run time; what regression gets,
            because static activation ranges cost tiny regression MLPs several times their error
-           (BENCHMARKS.md). A dynamic model's answer for a row depends a little on the other rows in
-           its batch, so the gate evaluates it at batch 1 and at batch 1024.
+           (BENCHMARKS.md), and models that take ids (a Transformer's MatMuls). A dynamic model's
+           answer for a row depends a little on the other rows in its batch, so the gate evaluates it
+           at batch 1 and at batch 1024.
 
 The int8 format (`--int8-format`) decides which CPUs give the answers the gate measured:
   portable (default)  right on every x86-64 CPU. Without VNNI (an int8 dot product: avx512_vnni,
@@ -99,9 +100,11 @@ def variant_file(variant: str) -> str:
 
 
 def int8_method(task: t2d.Task, method: str) -> str:
+    """static for image and vector classifiers; dynamic for regression, and for models that take ids (token or
+    category models: Transformers' activation ranges vary too much from input to input to calibrate once)."""
     if method != "auto":
         return method
-    return "dynamic" if task.regression else "static"
+    return "dynamic" if task.regression or any(i.dtype != "float32" for i in task.inputs) else "static"
 
 
 # --- data: calibration and validation from the training split, measurement on the test split ----------------
@@ -126,8 +129,22 @@ def _checked(task: t2d.Task, split: Any, name: str) -> tuple[Any, torch.Tensor]:
 def _rows(split: Any, pick: torch.Tensor) -> Any:
     """The rows `pick` of a split, reading only those (a Dataset's other samples are never touched)."""
     if isinstance(split, (tuple, list)):
-        return tuple(torch.as_tensor(np.asarray(v))[pick] for v in split)
+        return tuple(_take(v, pick.tolist()) for v in split)
     return torch.utils.data.Subset(split, pick.tolist())
+
+
+def _take(values: Any, rows: list[int]) -> Any:
+    """The rows of a split's inputs or targets, in whatever form the task gives them (tensors, arrays, lists of
+    per-sample values or strings, dicts or tuples of those)."""
+    if isinstance(values, dict):
+        return {k: _take(v, rows) for k, v in values.items()}
+    if isinstance(values, torch.Tensor):
+        return values[rows]
+    if isinstance(values, np.ndarray):
+        return values[rows]
+    if isinstance(values, tuple) and values and not isinstance(values[0], (str, int, float)):
+        return tuple(_take(v, rows) for v in values)  # several inputs, in the task's order
+    return [values[i] for i in rows]
 
 
 @dataclass
@@ -284,7 +301,12 @@ def prepare(float_file: Path, tmp: Path, calibration: dict[str, np.ndarray] | No
                 raise ExportError(f"folding BatchNorm into the convolutions changed the float outputs by {err:.2g}")
         float_file = folded_file
     prepared = tmp / "prepared.onnx"
-    quant_pre_process(str(float_file), str(prepared))  # symbolic shape inference + onnxruntime graph optimizations
+    try:  # symbolic shape inference + onnxruntime graph optimizations
+        quant_pre_process(str(float_file), str(prepared))
+    except Exception as e:  # a Transformer's graph defeats symbolic shape inference: onnx's own inference then
+        if "symbolic shape inference" not in str(e):
+            raise
+        quant_pre_process(str(float_file), str(prepared), skip_symbolic_shape=True)
     return prepared, folded
 
 

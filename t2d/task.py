@@ -34,7 +34,7 @@ The built-in tasks (`t2d.builtin`) are written with this same API.
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -99,7 +99,7 @@ class Input:
         if self.dtype not in DTYPES:
             raise ValueError(f"Input.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         variable = sum(s is None for s in self.shape)
-        if variable:
+        if variable and not (self.padding_mask_of and self.max_length is None):  # a mask's: its source's (Task)
             if self.max_length is None or int(self.max_length) < 2:
                 raise ValueError(f"Input {self.name} has a None size: give max_length (at least 2), the largest it "
                                  f"may be")
@@ -310,9 +310,13 @@ class Task:
         for i in self.inputs:
             source = by_name.get(i.padding_mask_of) if i.padding_mask_of else None
             if i.padding_mask_of and (source is None or source.padding_mask_of or source.shape != i.shape
-                                      or source.dims != i.dims):
+                                      or (i.max_length is not None and source.dims != i.dims)):
                 raise ValueError(f"Input {i.name} is the padding mask of {i.padding_mask_of!r}, which must be another "
                                  f"input of the same shape and dims")
+        # A padding mask's sizes are its source's: it need not repeat them.
+        set_("inputs", tuple(replace(i, max_length=by_name[i.padding_mask_of].max_length,
+                                     dims=by_name[i.padding_mask_of].dims) if i.padding_mask_of and i.variable else i
+                             for i in self.inputs))
         if not self.data_inputs:
             raise ValueError("a Task needs an input that its data gives (not only padding masks)")
         target = self.target or self.outputs[0].name
