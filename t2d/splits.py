@@ -60,6 +60,78 @@ class Features:
         return {i.name: t.cpu().numpy() for i, t in zip(task.inputs, self.batch(idx))}
 
 
+    def whole(self) -> "Features":
+        """Every sample as one Features (what input statistics are fitted on)."""
+        return self
+
+
+class CollatedFeatures:
+    """A task's samples batched by its own `Task.collate` instead of the default padding: each batch is the collate's
+    answer for its samples (a dict of the data inputs' tensors), checked like any split, with the padding masks
+    made from the collated inputs' padding and `fn`s from `map` applied (standardization)."""
+
+    def __init__(self, task: Task, samples: list[dict], what: str, device=None, fns=()):
+        self.task, self.samples, self.what, self.device, self.fns = task, samples, what, device, tuple(fns)
+        self.axes = tuple(i.axis_dims for i in task.inputs)
+        self._whole = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def batch(self, idx) -> tuple[torch.Tensor, ...]:
+        rows = range(len(self.samples))[idx] if isinstance(idx, slice) else idx.tolist()
+        x = self._collated([self.samples[i] for i in rows])
+        for fn in self.fns:
+            x = tuple(fn(x))
+        return x
+
+    def _collated(self, samples: list[dict]) -> tuple[torch.Tensor, ...]:
+        try:
+            out = self.task.collate(samples)
+        except Exception as e:
+            raise DataError(f"task {self.task.name}'s collate failed on {self.what}: {type(e).__name__}: {e}") from None
+        if not isinstance(out, dict) or set(out) != {i.name for i in self.task.data_inputs}:
+            raise DataError(f"task {self.task.name}'s collate must return a dict of every input the data give "
+                            f"{[i.name for i in self.task.data_inputs]}, got {type(out).__name__}")
+        columns = {}
+        for inp in self.task.data_inputs:
+            x = out[inp.name] if isinstance(out[inp.name], torch.Tensor) else torch.as_tensor(np.asarray(out[inp.name]))
+            _check_shape(inp, tuple(x.shape[1:]), f"{self.what}'s collated input {inp.name}")
+            columns[inp.name] = (_as_dtype(inp, x, f"{self.what}'s collated input {inp.name}"),
+                                 _sizes_from_padding(inp, x) if inp.variable else None)
+        features = _features(self.task, columns, self.what, cut=False)
+        return tuple(t.to(self.device) if self.device is not None else t for t in features.tensors)
+
+    def select(self, idx: torch.Tensor) -> "CollatedFeatures":
+        return CollatedFeatures(self.task, [self.samples[i] for i in idx.tolist()], self.what, self.device, self.fns)
+
+    def map(self, fn) -> "CollatedFeatures":
+        return CollatedFeatures(self.task, self.samples, self.what, self.device, (*self.fns, fn))
+
+    def to(self, device) -> "CollatedFeatures":
+        return CollatedFeatures(self.task, self.samples, self.what, device, self.fns)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.whole().tensors
+
+    @property
+    def lengths(self) -> dict[str, torch.Tensor]:
+        return self.whole().lengths
+
+    def whole(self) -> Features:
+        if self._whole is None:
+            x = self._collated(self.samples)
+            sizes = {name: _sizes_from_padding(inp, t)[:, k].to(t.device)
+                     for inp, t in zip(self.task.inputs, x) if not inp.padding_mask_of
+                     for k, name in enumerate(inp.dims)}
+            self._whole = Features(x, self.axes, sizes)
+        return self._whole
+
+    def feeds(self, task: Task, idx=slice(None)) -> dict[str, np.ndarray]:
+        return {i.name: t.cpu().numpy() for i, t in zip(task.inputs, self.batch(idx))}
+
+
 def _cut(t: torch.Tensor, axes: dict[int, str], longest: dict[str, int]) -> torch.Tensor:
     for axis, name in axes.items():
         if t.shape[axis] != longest[name]:
@@ -69,6 +141,8 @@ def _cut(t: torch.Tensor, axes: dict[int, str], longest: dict[str, int]) -> torc
 
 def join(a: Features, b: Features) -> Features:
     """The samples of `a` then those of `b` (k-fold joins training and validation); padded to the wider."""
+    if isinstance(a, CollatedFeatures):
+        return CollatedFeatures(a.task, a.samples + b.samples, a.what, a.device, a.fns)
     tensors = []
     for ta, tb, axes in zip(a.tensors, b.tensors, a.axes):
         for axis in axes:
@@ -118,6 +192,10 @@ def split_tensors(task: Task, split, name: str) -> tuple[Features, torch.Tensor]
                          for p in pairs])
     else:
         raise DataError(f"{what} must be an (x, y) pair of tensors or a Dataset of (x, y), got {type(split).__name__}")
+    if task.collate is not None:  # the task batches its own samples: keep them as they are
+        y = _targets(task, y, what)
+        samples = [{k: values[k][j] for k in values} for j in range(len(y))]
+        return CollatedFeatures(task, samples, what), y
     one = len(task.data_inputs) == 1
     columns = {i.name: _column(i, values[i.name], what if one else f"{what}'s input {i.name}")
                for i in task.data_inputs}
@@ -240,9 +318,10 @@ def _as_dtype(inp: Input, x: torch.Tensor, where: str) -> torch.Tensor:
     return x
 
 
-def _features(task: Task, columns: dict[str, tuple[torch.Tensor, torch.Tensor | None]], what: str) -> Features:
+def _features(task: Task, columns: dict[str, tuple[torch.Tensor, torch.Tensor | None]], what: str,
+              cut: bool = True) -> Features:
     """The columns as Features in the task's input order, each dimension's sizes reconciled across the inputs
-    that share it, and the padding masks made."""
+    that share it (padded, and with `cut` also cut, to the longest sample), and the padding masks made."""
     lengths: dict[str, torch.Tensor] = {}
     for inp in task.data_inputs:
         x, sizes = columns[inp.name]
@@ -255,6 +334,9 @@ def _features(task: Task, columns: dict[str, tuple[torch.Tensor, torch.Tensor | 
             lengths[name] = sizes[:, k]
     if lengths:  # pad every input of a dimension to the same longest size
         longest = {name: int(n.max()) for name, n in lengths.items()}
+        if not cut:  # as wide as the widest input of the dimension, not its longest sample
+            longest = {name: max(columns[i.name][0].shape[axis] for i in task.data_inputs
+                                 for axis, d in i.axis_dims.items() if d == name) for name in longest}
         for inp in task.data_inputs:
             x, _ = columns[inp.name]
             for axis, name in inp.axis_dims.items():

@@ -296,8 +296,11 @@ class Task:
         if self.kind not in KINDS:
             raise ValueError(f"Task.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         for one, many in (("input", "inputs"), ("output", "outputs")):
-            if getattr(self, many) and getattr(self, one) is not None:
+            # Both: only as this class sets them (dataclasses.replace of a Task passes both back in).
+            if getattr(self, many) and getattr(self, one) is not None and getattr(self, one) not in getattr(self, many):
                 raise ValueError(f"give Task.{one} or Task.{many}, not both")
+            if getattr(self, many):
+                set_(one, None)
             set_(many, tuple(getattr(self, many)) or ((getattr(self, one),) if getattr(self, one) else ()))
             if not getattr(self, many):
                 raise ValueError(f"a Task needs {one}= or {many}=")

@@ -58,7 +58,7 @@ BAD_DECLARATIONS = {
                        "Task.target 'z' is not one of the outputs"),
     "a name twice": (lambda: Task("t", "regression", input=Input("y", (2,)), output=Output("y", 1),
                                   data=lambda o: None, models={"n": Model(NoConfig, net_of)}), "must differ"),
-    "both forms": (lambda: Task("t", "regression", input=Input("x", (2,)), inputs=(Input("x", (2,)),),
+    "both forms": (lambda: Task("t", "regression", input=Input("z", (2,)), inputs=(Input("x", (2,)),),
                                 output=Output("y", 1), data=lambda o: None, models={"n": Model(NoConfig, net_of)}),
                    "give Task.input or Task.inputs, not both"),
 }
@@ -146,6 +146,42 @@ def test_data_that_breaks_the_signature_is_one_data_error(name):
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+SEEN_WIDTHS = []  # the widths of the batches the collating task's network was given
+
+
+def pad_to_fours(samples: list[dict]) -> dict:
+    """A task's own collate: ids padded to a multiple of 4 (as some kernels like), not to the batch's longest."""
+    width = -(-max(len(s["ids"]) for s in samples) // 4) * 4
+    ids = torch.zeros(len(samples), width, dtype=torch.int64)
+    for row, s in zip(ids, samples):
+        row[:len(s["ids"])] = torch.as_tensor(s["ids"])
+    return {"ids": ids}
+
+
+class Recording(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.out = torch.nn.Linear(4, 1)
+
+    def forward(self, ids, padding):
+        SEEN_WIDTHS.append(ids.shape[1])
+        keep = (~padding).unsqueeze(-1).float()
+        return self.out((self.embed(ids) * keep).sum(1) / keep.sum(1).clamp(min=1))
+
+
+def test_a_task_s_own_collate_batches_its_samples(tmp_path, monkeypatch):
+    task = sequence_task(Recording, "fours", max_length=8, collate=pad_to_fours)
+    monkeypatch.setattr(sys.modules[__name__], "FOURS", task, raising=False)
+    del SEEN_WIDTHS[:]
+    train(["--task", "test_signatures:FOURS", "--data.batch_size", "8"], tmp_path)
+    assert SEEN_WIDTHS and all(w % 4 == 0 for w in SEEN_WIDTHS), SEEN_WIDTHS
+    x, _ = split_tensors(task, task.data(None).train, "train")
+    (ids, padding) = x.batch(torch.arange(5))
+    lengths = (ids != 0).sum(1)
+    assert ids.shape[1] == 4 and torch.equal(padding, torch.arange(4) >= lengths[:, None])  # masks made after it
+
+
 # --- train and export ----------------------------------------------------------------------------------------------
 
 def export_cli(args: list[str], home: Path) -> subprocess.CompletedProcess:
@@ -218,16 +254,16 @@ class FixedLength(torch.nn.Module):
         return self.embed(ids).reshape(len(ids), 12)[:, :1]
 
 
-def sequence_task(net) -> Task:
+def sequence_task(net, name: str = "seq", max_length: int = 3, collate=None) -> Task:
     def data(opts):
         g = torch.Generator().manual_seed(0)
         ids = [torch.randint(1, 10, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g) for _ in range(60)]
         return Splits(train=(ids, torch.rand(60, 1)), test=(ids[:20], torch.rand(20, 1)))
 
-    return Task("seq", "regression", inputs=(Input("ids", (None,), dtype="int64", max_length=3, range=(0, 9)),
-                                            Input("padding", (None,), dtype="bool", padding_mask_of="ids")),
+    return Task(name, "regression", inputs=(Input("ids", (None,), dtype="int64", max_length=max_length, range=(0, 9)),
+                                           Input("padding", (None,), dtype="bool", padding_mask_of="ids")),
                 output=Output("y", 1), data=data, models={"net": Model(NoConfig, lambda cfg, task: net())},
-                defaults={"run": {"epochs": 1}, "data": {"val_size": 10}})
+                defaults={"run": {"epochs": 1}, "data": {"val_size": 10}}, collate=collate)
 
 
 @pytest.mark.slow

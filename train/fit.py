@@ -72,12 +72,13 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
             raise CheckpointError(f"the checkpoint's config does not describe its weights: {problem}")
         predictor.load_state_dict(resume["state_dict"])
     else:  # z-score statistics from the training split only
+        whole = data.train_x.whole()
         for k, inp in enumerate(task.inputs):
             if inp.normalize != "none":
                 if inp.variable:  # one mean and std over the real values, the padding left out
-                    predictor.input_norms[str(k)].fit(real_values(data.train_x, k).reshape(-1, 1))
+                    predictor.input_norms[str(k)].fit(real_values(whole, k).reshape(-1, 1))
                 else:
-                    predictor.input_norms[str(k)].fit(data.train_x.tensors[k], dims=inp.stats_dims)
+                    predictor.input_norms[str(k)].fit(whole.tensors[k], dims=inp.stats_dims)
         if regression:
             predictor.target_norm.fit(data.train_y)
     predictor.to(rt.device)
