@@ -91,6 +91,12 @@ def _try(model, slot: str | None) -> dict[str, Any]:
     first = inputs[0]
     if slot == "product":
         return {"how": "product", "endpoint": "/predict"}
+    text = [i for i in inputs if i.tokenizer is not None]
+    if len(text) == 1 and all(i is text[0] or i.padding_mask_of == text[0].name for i in inputs):
+        # Text in, as the server takes it (BYTES): the server tokenizes it and makes the masks.
+        return {"how": "text", "endpoint": infer, "input": text[0].name, "max_length": text[0].max_length,
+                "level": text[0].tokenizer.level, "target": model.signature.target,
+                "classification": model.contract.get("kind") == "classification"}
     if (model.contract.get("kind") == "classification" and len(inputs) == 1 and len(first.sample_shape) == 3
             and first.sample_shape[0] == 1):
         pad = {"how": "pad", "endpoint": infer, "input": first.name, "height": first.sample_shape[1],

@@ -421,3 +421,36 @@ def test_the_int8_transformer_passes_its_self_check_and_answers_text(runs, tmp_p
                                 providers=["CPUExecutionProvider"])
     want = int8.run(["logits"], {"ids": ids, "padding": padding})[0]
     np.testing.assert_allclose(np.array(answer["outputs"][0]["data"]).reshape(want.shape), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_page_has_a_text_box_for_a_model_that_takes_text(server, runs):
+    """/ui in Debian's chromium: the words model's card takes a typed word and shows the server's answer for it."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    from serving import softmax
+
+    answer = server.expect(v2(server, "words", [{**IDS, "datatype": "BYTES", "shape": [1], "data": ["hijk"]}]), 200)
+    want = softmax(np.array(answer["outputs"][0]["data"], dtype=np.float64))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"))
+        try:
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{server.port}/ui")
+            card = page.locator('.card[data-model="words"]')
+            card.locator("input[name=text]").fill("hijk")
+            card.locator("button", has_text="Infer").click()
+            card.locator("[data-field=label]").wait_for()
+            label = card.locator("[data-field=label]").inner_text()
+            shown = [float(v) for v in card.locator(".bar").evaluate_all("bars => bars.map(b => b.dataset.p)")]
+            card.locator("input[name=text]").fill("a" * (MAX_LENGTH + 1))  # longer than the input takes
+            card.locator("button", has_text="Infer").click()
+            card.locator("[data-field=server-error]").wait_for()
+            error = card.locator("[data-field=server-error]").inner_text()
+        finally:
+            browser.close()
+    assert label == f"{int(want.argmax())}: {WORDS.classes[int(want.argmax())]}"
+    np.testing.assert_allclose(shown, want, rtol=1e-6, atol=1e-9)
+    assert error.startswith("400: ") and "the model takes at most 12" in error

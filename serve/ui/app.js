@@ -294,12 +294,37 @@ const TRY = {
     return form;
   },
 
+  // A model that takes text: type it, the server tokenizes it as training did and makes the padding masks.
+  text(m, t) {
+    const unit = t.level === "char" ? "characters" : "words";
+    // No maxlength: the browser would cut a longer text short without a word; the server says it is too long.
+    const input = el("input", { type: "text", name: "text",
+                                "aria-label": `${t.input} (text, at most ${t.max_length} ${unit})`, required: "" });
+    const out = el("div", { class: "result", "aria-live": "polite" });
+    const form = el("form", { novalidate: "" }, el("div", { class: "controls" },
+      el("label", {}, `${t.input} `, input), el("button", { text: "Infer" })),
+      el("p", { class: "note", text: `text, at most ${t.max_length} ${unit}; tokenized by the server` }), out);
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const body = { inputs: [{ name: t.input, shape: [1], datatype: "BYTES", data: [input.value] }] };
+      try {
+        const answer = await post(t.endpoint, JSON.stringify(body));
+        const target = answer.outputs.find((o) => o.name === t.target);
+        if (t.classification) bars(out, softmax(target.data), m.contract.classes);
+        else outputs(out, answer);
+      } catch (err) { showError(out, err); }
+    });
+    return form;
+  },
+
   // Anything else: the v2 request body itself, with an example of the right shape.
   json(m, t) {
+    const DATATYPES = { float32: "FP32", int64: "INT64", bool: "BOOL" };
     const example = { inputs: m.contract.inputs.map((s) => {
-      const shape = [1, ...s.shape.slice(1)];
+      const shape = [1, ...s.shape.slice(1).map((d) => (typeof d === "string" ? 1 : d))];  // a varying size: 1
       const count = shape.reduce((a, b) => a * b, 1);
-      return { name: s.name, shape, datatype: "FP32", data: new Array(count).fill(s.range ? s.range[0] : 0) };
+      const value = s.dtype === "bool" ? false : (s.range ? s.range[0] : 0);
+      return { name: s.name, shape, datatype: DATATYPES[s.dtype] || "FP32", data: new Array(count).fill(value) };
     }) };
     const text = el("textarea", { rows: 6, spellcheck: "false", "aria-label": "request body" });
     text.value = JSON.stringify(example);
