@@ -63,7 +63,7 @@ def bench(label: str, checkpoint: Path, seconds: float, threads: int) -> None:
         exported = write_artifacts(opts)
         verify_and_register(exported, opts)  # parity first: timing a wrong model is meaningless
         run = runtimes(exported, threads)
-        held_out = parity.held_out_inputs(exported.task, exported.ckpt, 1024, None).x.numpy()  # raw units
+        held_out = parity.held_out_inputs(exported.task, exported.ckpt, 1024, None).x.tensors[0].numpy()  # raw units
         for batch in (1, 1024):
             x = np.ascontiguousarray(held_out[:batch])
             medians = {}

@@ -195,13 +195,14 @@ V2_SCHEMAS = {
         "properties": {"variant": {"type": "string", "enum": ["fp32", "int8", "fp16"],
                                    "description": "fp32, or the quantized variant `python -m export --quantize` made"}}},
     "V2Parameters": {
-        "type": "object", "description": "strings, numbers or booleans. Triton's binary tensor extension: an input's "
-                                         "binary_data_size (its bytes after the JSON header, whose length the "
-                                         "Inference-Header-Content-Length header gives), an output's binary_data, "
-                                         "the request's binary_data_output; such answers are that JSON header and "
-                                         "the raw outputs, not JSON alone",
-        "properties": {"binary_data": {"type": "boolean"}, "binary_data_output": {"type": "boolean"},
-                       "binary_data_size": {"type": "integer", "minimum": 0}},
+        "type": "object", "description": "strings, numbers or booleans. A JSON body carries no binary data, so the "
+                                         "binary tensor extension's parameters are false here; that extension "
+                                         "(tritonclient's default) sends a JSON header of Inference-Header-Content-"
+                                         "Length bytes followed by the raw tensors, each input saying its "
+                                         "binary_data_size, and gets binary outputs when it asks (binary_data, "
+                                         "binary_data_output)",
+        "properties": {k: {"type": "boolean", "enum": [False]} for k in ("binary_data", "binary_data_output",
+                                                                          "binary_data_size")},
         "additionalProperties": {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}},
     # Each level holds numbers or lists, never both (the server refuses a mix).
     "V2Data": {"description": "row-major values, flat or nested as the shape: numbers (FP32, INT64: integers), "

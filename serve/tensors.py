@@ -148,7 +148,7 @@ def _binary_size(entry: dict, where: str, check_parameters) -> int | None:
         return None
     check_parameters(parameters, f"{where}.parameters")
     size = parameters.get("binary_data_size")
-    if size is None:
+    if size is None or size is False:  # false: a JSON body's way of saying it carries no binary data
         return None
     if type(size) is not int or size < 0:
         raise V2Error(400, f"{where}.parameters.binary_data_size must be a byte count, got {show(size)}")

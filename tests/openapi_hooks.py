@@ -34,7 +34,10 @@ MODEL_RULES = re.compile("|".join([
     r"missing input\(s\) \[.*\]; this model takes .*",
     INPUT + r"\.shape is .*; send \[n, [\d, ]*\] with 1 <= n <= \d+",   # the sample shape, or n over MAX_ROWS
     INPUT + r"\.data has \d+ values; shape \[.*\] needs \d+",          # count != product(shape)
-    INPUT + r"\.data holds \[.*\]; send numbers",                      # nested deeper than the shape
+    INPUT + r"\.datatype is .*; send .*",                              # the model's datatype for the input
+    INPUT + r"\.data holds .*; send numbers",                          # nested deeper, or booleans or text
+    INPUT + r"\.data holds .*; send true or false",                    # a BOOL input
+    INPUT + r"\.data holds .*; an INT64 input takes integers",         # an INT64 input
     INPUT + r"\.data\[\d+\] is .*, outside the valid range \[.*\]",    # the contract's range
     INPUT + r" has \d+ rows and an earlier input \d+; send the same rows for every input",
     r"outputs\[\d+\]\.name is .*; this model gives .*",

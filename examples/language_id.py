@@ -1,0 +1,131 @@
+"""Which language a word is from, on real words offline: seven of Debian's word lists, and a small Transformer
+encoder over the word's characters (ids and a padding mask in, the languages' logits and probabilities out).
+
+    apt-get install wamerican wfrench wngerman wspanish witalian wportuguese wdutch    # .ci/run does
+    python -m train --task examples.language_id:TASK --out runs/language_id
+    python -m export --task examples.language_id:TASK --checkpoint runs/language_id/best.pt
+    bentoml serve     # then, text in, as the server tokenizes it with the vocabulary in the contract:
+    curl -s -X POST 127.0.0.1:3000/v2/models/language-id/infer -H 'Content-Type: application/json' \\
+        -d '{"inputs": [{"name": "ids", "shape": [1], "datatype": "BYTES", "data": ["wunderbar"]}],
+             "outputs": [{"name": "probabilities"}]}'
+
+The words: each list lower-cased (Unicode NFC), letters only, at most MAX_LENGTH characters; a word found in
+more than one list is dropped (its label would be a coin toss), and every language keeps the same number of
+words (`--data.size` per language, or as many as the smallest list has left), drawn with a fixed seed, so the
+split is the same for every run: 80% training, 10% validation (settings were chosen on it:
+bench/language_id.py), 10% test. `--data.dir` names another folder of the same files.
+"""
+
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from t2d import DataError, DataOptions, Input, Model, Output, Splits, Task, Tokenizer
+
+LISTS = {"english": "american-english", "french": "french", "german": "ngerman", "spanish": "spanish",
+         "italian": "italian", "portuguese": "portuguese", "dutch": "dutch"}
+PACKAGES = "wamerican wfrench wngerman wspanish witalian wportuguese wdutch"
+FOLDER = "/usr/share/dict"
+MAX_LENGTH = 24
+SPLIT_SEED = 0  # the words drawn and their split: fixed, whatever the run's seed
+# The letters of the seven languages; any other character is <unk>. The vocabulary is data: it travels in the
+# exported contract, and the server tokenizes requests with it.
+LETTERS = "abcdefghijklmnopqrstuvwxyzßàáâãäåæçèéêëìíîïñòóôõöøùúûüýÿœ"
+
+
+def read_lists(folder: str) -> dict[str, set[str]]:
+    """Each language's words: lower-cased, NFC, letters only, at most MAX_LENGTH characters."""
+    missing = [name for name in LISTS.values() if not (Path(folder) / name).is_file()]
+    if missing:
+        raise DataError(f"no word list {', '.join(missing)} in {folder}: apt-get install {PACKAGES} "
+                        f"(or pass --data.dir FOLDER)")
+    words = {}
+    for language, name in LISTS.items():
+        lines = (Path(folder) / name).read_text(encoding="utf-8").split()
+        words[language] = {w for w in (unicodedata.normalize("NFC", line).lower() for line in lines)
+                           if w.isalpha() and len(w) <= MAX_LENGTH}
+    return words
+
+
+def labelled_words(folder: str, per_language: int) -> tuple[list[str], list[int]]:
+    """The same number of unambiguous words per language, shuffled with SPLIT_SEED."""
+    words = read_lists(folder)
+    seen = {}
+    for found in words.values():
+        for w in found:
+            seen[w] = seen.get(w, 0) + 1
+    unique = {lang: sorted(w for w in found if seen[w] == 1) for lang, found in words.items()}
+    n = min(per_language, *(len(found) for found in unique.values()))
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    texts, labels = [], []
+    for label, found in enumerate(unique.values()):
+        pick = torch.randperm(len(found), generator=g)[:n].tolist()
+        texts += [found[i] for i in pick]
+        labels += [label] * n
+    order = torch.randperm(len(texts), generator=g).tolist()
+    return [texts[i] for i in order], [labels[i] for i in order]
+
+
+def data(opts: DataOptions) -> Splits:
+    texts, labels = labelled_words(opts.dir or FOLDER, opts.size)
+    y = torch.tensor(labels)
+    n_test = n_val = len(texts) // 10
+
+    def part(a: int, b: int):
+        return {"ids": texts[a:b]}, y[a:b]
+
+    return Splits(train=part(n_test + n_val, len(texts)), val=part(n_test, n_test + n_val), test=part(0, n_test))
+
+
+@dataclass
+class EncoderConfig:
+    width: int = 64
+    """Embedding and model width."""
+    layers: int = 2
+    heads: int = 4
+    feedforward: int = 128
+    dropout: float = 0.1
+
+
+class WordEncoder(nn.Module):
+    """Characters -> embeddings + learned positions -> Transformer encoder (padding masked) -> mean over the real
+    characters -> the languages' logits, and their softmax."""
+
+    def __init__(self, cfg: EncoderConfig, vocab: int, classes: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, cfg.width, padding_idx=0)
+        self.position = nn.Parameter(torch.randn(MAX_LENGTH, cfg.width) * 0.02)
+        layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, cfg.feedforward, cfg.dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.classify = nn.Linear(cfg.width, classes)
+
+    def forward(self, ids: torch.Tensor, padding: torch.Tensor):
+        # (B, L) int64 ids, (B, L) bool, True at padding -> (B, languages) logits, (B, languages) probabilities
+        h = self.encoder(self.embed(ids) + self.position[:ids.shape[1]], src_key_padding_mask=padding)
+        keep = (~padding).unsqueeze(-1).to(h.dtype)
+        logits = self.classify((h * keep).sum(1) / keep.sum(1).clamp(min=1))
+        return logits, logits.softmax(-1)
+
+
+CHARACTERS = Tokenizer.characters(LETTERS)
+
+TASK = Task(
+    name="language-id",
+    kind="classification",
+    inputs=(Input("ids", (None,), dtype="int64", max_length=MAX_LENGTH, tokenizer=CHARACTERS,
+                  description="a word, one id per character (send the text itself as BYTES)"),
+            Input("padding", (None,), dtype="bool", padding_mask_of="ids",
+                  description="True past the word's end; made by the server for text")),
+    outputs=(Output("logits", len(LISTS)), Output("probabilities", len(LISTS), description="softmax of the logits")),
+    classes=tuple(LISTS),
+    data=data,
+    models={"transformer": Model(EncoderConfig, lambda cfg, task: WordEncoder(cfg, CHARACTERS.size, len(LISTS)))},
+    # Chosen on the validation split (bench/language_id.py; BENCHMARKS.md has the runs).
+    defaults={"run": {"epochs": 10}, "data": {"size": 20000, "batch_size": 256, "eval_batch_size": 1024},
+              "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.01}, "sched": {"name": "onecycle"},
+              "stop": {"monitor": "accuracy", "keep": "last"}},
+    description="the language of a word (seven of Debian's word lists)",
+)
