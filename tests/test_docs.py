@@ -13,8 +13,8 @@ A fenced block right after `<!-- run -->` in a page of docs/ (or `<!-- run: NAME
   `<!-- output: setup -->` its output; it runs with fewer epochs and stops at "serving on".
 The README's own-model example is run the same way.
 Not run: commands that need data or machines the suite lacks (MNIST files, GPUs, torchrun across
-nodes), clients it does not install (datamodel-codegen, openapi-generator), and a tritonclient example
-(the page shows none yet).
+nodes) and clients it does not install (datamodel-codegen, openapi-generator). A client file's address
+(127.0.0.1:3000) becomes the session server's, as commands' do.
 """
 
 import json
@@ -39,7 +39,7 @@ DOCS = REPO / "docs"
 BLOCK = re.compile(r"^<!-- (?P<kind>run|output)(?::\s*(?P<name>\S+))? -->\n```(?P<lang>\w*)[^\n]*\n(?P<body>.*?)^```$",
                    re.M | re.S)
 SNIPPET = re.compile(r'^--8<-- "(?P<path>[^"]+)"$', re.M)
-PAGES_RUN = {"getting-started.md", "own-model.md", "serving.md"}  # the pages whose blocks the tests below run
+PAGES_RUN = {"getting-started.md", "own-model.md", "serving.md", "signatures.md"}  # the pages whose blocks the tests below run
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 
 
@@ -169,7 +169,7 @@ class Session:
     def write(self, block: Block) -> None:
         path = self.folder / block.name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(block.body + "\n")
+        path.write_text(self.local(block.body) + "\n")  # a client's address: this session's server
 
     def run(self, cmd: str, expected: list[str]) -> None:
         if cmd.startswith("bentoml serve ") and cmd.endswith("&"):
@@ -258,6 +258,15 @@ def test_own_model_page_runs_as_shown(session):
     session.run_page(DOCS / "own-model.md")
     summary = json.loads((session.folder / "runs" / "diabetes" / "summary.json").read_text())
     assert summary["task"] == "diabetes"
+
+
+@pytest.mark.slow
+@needs_curl
+@pytest.mark.skipif(not Path("/usr/share/dict/french").is_file(), reason="Debian's word lists are not installed "
+                    "(.ci/run installs them)")
+def test_signatures_page_runs_as_shown(session):
+    """examples/language_id.py on Debian's word lists, briefly; text to the server with curl and with tritonclient."""
+    session.run_page(DOCS / "signatures.md")
 
 
 @pytest.mark.slow

@@ -454,3 +454,25 @@ def test_the_page_has_a_text_box_for_a_model_that_takes_text(server, runs):
     assert label == f"{int(want.argmax())}: {WORDS.classes[int(want.argmax())]}"
     np.testing.assert_allclose(shown, want, rtol=1e-6, atol=1e-9)
     assert error.startswith("400: ") and "the model takes at most 12" in error
+
+
+def test_language_id_without_the_word_lists_stops_with_one_line_naming_the_packages(tmp_path, capsys):
+    import train.main
+
+    assert train.main.main(["--task", "examples.language_id:TASK", "--data.dir", str(tmp_path), "--out",
+                            str(tmp_path / "run"), "--device", "cpu"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"in {tmp_path}: apt-get install wamerican wfrench wngerman wspanish witalian wportuguese wdutch" in line
+
+
+@pytest.mark.skipif(not Path("/usr/share/dict/french").is_file(), reason="Debian's word lists are not installed")
+def test_language_id_words_are_unambiguous_balanced_and_split_the_same_every_run():
+    from examples.language_id import LISTS, labelled_words, read_lists
+
+    texts, labels = labelled_words("/usr/share/dict", 300)
+    assert len(texts) == 300 * len(LISTS) and np.bincount(labels).tolist() == [300] * len(LISTS)
+    lists = read_lists("/usr/share/dict")
+    for text, label in zip(texts[:200], labels[:200]):
+        found = [lang for lang, words_ in lists.items() if text in words_]
+        assert found == [list(LISTS)[label]], (text, found)  # in its own list and no other
+    assert labelled_words("/usr/share/dict", 300) == (texts, labels)
