@@ -56,7 +56,7 @@ class ExportOptions:
     formats: tuple[str, ...] = FORMATS
     atol: float = 1e-5
     rtol: float = 1e-5
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 7, 1024])
+    batch_sizes: list[int] | None = None  # None: 1, 7 and a large batch sized to the model (parity.large_batch)
     data_dir: str | None = None  # classifier test images; None: the folder the run trained on
     register: bool = True
     quantize: QuantizeOptions | None = None  # also write and gate a quantized variant
@@ -94,7 +94,8 @@ def parse_args(argv: list[str]) -> ExportOptions:
     p.add_argument("--out", type=_path, help="output folder (default: export/ beside the checkpoint)")
     p.add_argument("--atol", type=float, default=1e-5, help="parity: absolute tolerance (default: 1e-5)")
     p.add_argument("--rtol", type=float, default=1e-5, help="parity: relative tolerance (default: 1e-5)")
-    p.add_argument("--batch-sizes", default="1,7,1024", help="parity batch sizes, comma-separated (default: 1,7,1024)")
+    p.add_argument("--batch-sizes", help="parity batch sizes, comma-separated (default: 1, 7 and a large batch: "
+                                         "1024, or fewer rows where the model is slow, within a few seconds)")
     p.add_argument("--data-dir", type=_path,
                    help="the task's data folder, for parity inputs from its test split (default: the run's data.dir)")
     p.add_argument("--no-register", action="store_true", help="write and check the artifacts only")
@@ -122,12 +123,14 @@ def parse_args(argv: list[str]) -> ExportOptions:
                    help="int8 static: training samples to calibrate activation ranges on "
                         f"(default: {CALIBRATION_SAMPLES})")
     a = p.parse_args(argv)
-    try:
-        sizes = [int(s) for s in a.batch_sizes.split(",")]
-    except ValueError:
-        raise ValueError(f"--batch-sizes must be comma-separated integers, got {a.batch_sizes!r}") from None
-    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
-        raise ValueError(f"--batch-sizes must be in [1, {MAX_BATCH}], got {a.batch_sizes!r}")
+    sizes = None
+    if a.batch_sizes is not None:
+        try:
+            sizes = [int(s) for s in a.batch_sizes.split(",")]
+        except ValueError:
+            raise ValueError(f"--batch-sizes must be comma-separated integers, got {a.batch_sizes!r}") from None
+        if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
+            raise ValueError(f"--batch-sizes must be in [1, {MAX_BATCH}], got {a.batch_sizes!r}")
     for name in ("atol", "rtol"):
         if not 0 <= getattr(a, name) < float("inf"):  # also refuses nan
             raise ValueError(f"--{name} must be a non-negative number (and finite), got {getattr(a, name)}")
@@ -209,9 +212,14 @@ def verify_and_register(exp: Exported, opts: ExportOptions) -> tuple[dict[str, A
 
 def verify(exp: Exported, opts: ExportOptions) -> dict[str, Any]:
     """The parity report (also written to parity.json); ParityError unless it passed."""
-    inputs = parity.held_out_inputs(exp.task, exp.ckpt, max(opts.batch_sizes), opts.data_dir)
-    report = parity.check(exp.module, exp.contract, exp.files, inputs, opts.batch_sizes, opts.atol, opts.rtol,
-                          exp.task)
+    sizes, large = opts.batch_sizes, None
+    if sizes is None:
+        large = parity.large_batch(exp.module, exp.task)
+        sizes = [1, 7, large["rows"]]
+    inputs = parity.held_out_inputs(exp.task, exp.ckpt, max(sizes), opts.data_dir)
+    report = parity.check(exp.module, exp.contract, exp.files, inputs, sizes, opts.atol, opts.rtol, exp.task)
+    if large is not None:
+        report["large_batch"] = large
     report["checkpoint"] = str(opts.checkpoint)
     write_json(exp.out / PARITY_FILE, report)
     if not report["passed"]:

@@ -1,7 +1,7 @@
 """Prove the artifacts compute the eager model's function: names, then shapes, then values.
 
 Every format runs on the same held-out raw inputs at each batch size (1, an odd size, and a
-large one by default, to exercise the dynamic batch axis) and, where a size varies, at several
+large one by default, to exercise the dynamic batch axis; the large one sized to the model's speed) and, where a size varies, at several
 sizes (1, a middle one, the longest held-out sample and the declared maximum); the eager module is
 the reference. Every output must satisfy `|got - eager| <= atol + rtol * |eager|` everywhere, and a
 classifier's argmax must agree on every row. A tokenized input's held-out strings must map to the
@@ -20,6 +20,8 @@ from models.checkpoint import first_line
 from t2d.splits import Features, padding_mask, split_tensors
 from t2d.text import Tokenizer
 
+LARGE_BATCH = 1024  # the largest parity batch; fewer rows for a model that is slow
+LARGE_BATCH_SECONDS = 2.0  # the eager model's time for the large batch, at most (each format runs it too)
 INPUT_SEED = 20261123  # random parity inputs are fresh: neither the training seeds nor the product test seed 123
 
 
@@ -131,6 +133,26 @@ def sizes(task, x: Features) -> list[int | None]:
     longest = int(max(n.max() for n in x.lengths.values()))
     most = max(i.max_length for i in task.inputs if i.variable)
     return sorted({1, (1 + longest) // 2, longest, most})
+
+
+def large_batch(module: nn.Module, task) -> dict[str, Any]:
+    """The large parity batch: LARGE_BATCH rows, or as many as the eager model runs in LARGE_BATCH_SECONDS (timed on
+    a batch of 7 after a warm-up), at least 8: ResNet-18 at 224x224 takes tens of ms a row on a CPU, and 1024 rows
+    would be minutes per format and size for no more evidence than a few dozen."""
+    import time
+
+    from export.contract import example_inputs
+
+    xs = example_inputs(task, batch=7)
+    with torch.inference_mode():
+        module.eval()(*xs)
+        t0 = time.perf_counter()
+        module(*xs)
+        per_row = (time.perf_counter() - t0) / 7
+    rows = int(min(LARGE_BATCH, max(8, LARGE_BATCH_SECONDS / max(per_row, 1e-9))))
+    return {"rows": rows, "eager_seconds_per_row": per_row, "budget_seconds": LARGE_BATCH_SECONDS,
+            "why": "the default" if rows == LARGE_BATCH else
+            f"{LARGE_BATCH} rows would take the eager model about {LARGE_BATCH * per_row:.0f} s"}
 
 
 def runners(module: nn.Module, contract: dict[str, Any], files: dict[str, Path]) -> dict[str, Callable]:

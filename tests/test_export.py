@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import PRODUCT, REPO, train, write_image_set
+from conftest import PRODUCT, REPO, predictor, train, write_image_set
 
 import t2d
 from export.main import main
@@ -304,3 +304,28 @@ def test_contract_classes_are_the_tasks_not_the_checkpoints(runs, tmp_path, clas
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "out" / "model.onnx")).metadata_props}
     contract = json.loads(props["contract"])
     assert contract["classes"] == list(TASKS["fashion-mnist"].classes)
+
+
+class Sleepy(torch.nn.Module):
+    """A network that takes 70 ms a call whatever the batch: slow, as a real-size model is, at no cost here."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 1)
+
+    def forward(self, x):
+        import time
+
+        time.sleep(0.07)
+        return self.linear(x)
+
+
+def test_the_large_parity_batch_is_sized_to_the_model():
+    from export.parity import LARGE_BATCH, LARGE_BATCH_SECONDS, large_batch
+
+    task = TASKS["product"]
+    fast = large_batch(predictor("product", "product_mlp"), task)
+    assert fast["rows"] == LARGE_BATCH and fast["why"] == "the default"
+    slow = large_batch(Sleepy(), task)  # 10 ms a row at batch 7: 1024 rows would be 10 s
+    assert 8 <= slow["rows"] <= LARGE_BATCH_SECONDS / 0.01 and slow["eager_seconds_per_row"] >= 0.01
+    assert "1024 rows would take the eager model about" in slow["why"]
