@@ -82,31 +82,41 @@ def data(opts: DataOptions) -> Splits:
 
 @dataclass
 class EncoderConfig:
-    width: int = 64
+    width: int = 128
     """Embedding and model width."""
+    convs: int = 2
+    """Convolutions (kernel 3) over the characters before the encoder: each sees one more neighbour on each side,
+    as character n-grams do; 0 for none."""
     layers: int = 2
     heads: int = 4
-    feedforward: int = 128
+    feedforward: int = 256
     dropout: float = 0.1
 
 
 class WordEncoder(nn.Module):
-    """Characters -> embeddings + learned positions -> Transformer encoder (padding masked) -> mean over the real
-    characters -> the languages' logits, and their softmax."""
+    """Characters -> embeddings -> convolutions over neighbouring characters (padding kept at zero) + learned
+    positions -> Transformer encoder (padding masked) -> the mean and the max over the real characters -> the
+    languages' logits, and their softmax."""
 
     def __init__(self, cfg: EncoderConfig, vocab: int, classes: int):
         super().__init__()
         self.embed = nn.Embedding(vocab, cfg.width, padding_idx=0)
+        self.convs = nn.ModuleList(nn.Conv1d(cfg.width, cfg.width, 3, padding=1) for _ in range(cfg.convs))
         self.position = nn.Parameter(torch.randn(MAX_LENGTH, cfg.width) * 0.02)
         layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, cfg.feedforward, cfg.dropout, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
-        self.classify = nn.Linear(cfg.width, classes)
+        self.classify = nn.Linear(2 * cfg.width, classes)
 
     def forward(self, ids: torch.Tensor, padding: torch.Tensor):
         # (B, L) int64 ids, (B, L) bool, True at padding -> (B, languages) logits, (B, languages) probabilities
-        h = self.encoder(self.embed(ids) + self.position[:ids.shape[1]], src_key_padding_mask=padding)
-        keep = (~padding).unsqueeze(-1).to(h.dtype)
-        logits = self.classify((h * keep).sum(1) / keep.sum(1).clamp(min=1))
+        keep = (~padding).unsqueeze(-1).to(self.position.dtype)  # (B, L, 1)
+        h = self.embed(ids)  # (B, L, width)
+        for conv in self.convs:  # (B, width, L): a character and its neighbours; padding stays zero
+            h = torch.relu(conv(h.transpose(1, 2))).transpose(1, 2) * keep
+        h = self.encoder(h + self.position[:ids.shape[1]], src_key_padding_mask=padding)
+        mean = (h * keep).sum(1) / keep.sum(1).clamp(min=1)
+        top = h.masked_fill(padding.unsqueeze(-1), float("-inf")).amax(1)
+        logits = self.classify(torch.cat([mean, top], 1))
         return logits, logits.softmax(-1)
 
 

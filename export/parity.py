@@ -1,8 +1,8 @@
 """Prove the artifacts compute the eager model's function: names, then shapes, then values.
 
 Every format runs on the same held-out raw inputs at each batch size (1, an odd size, and a
-large one by default, to exercise the dynamic batch axis; the large one sized to the model's speed) and, where a size varies, at several
-sizes (1, a middle one, the longest held-out sample and the declared maximum); the eager module is
+large one sized to the model's speed by default, to exercise the dynamic batch axis) and, where a size
+varies, at several sizes (1, a middle one, the longest held-out sample and the declared maximum); the eager module is
 the reference. Every output must satisfy `|got - eager| <= atol + rtol * |eager|` everywhere, and a
 classifier's argmax must agree on every row. A tokenized input's held-out strings must map to the
 same ids through the contract's tokenizer (what the server runs) as through the task's (what training ran).
@@ -54,7 +54,8 @@ def held_out_inputs(task, ckpt: dict[str, Any], n: int, data_dir: str | None) ->
             test = torch.utils.data.Subset(test, range(min(n, len(test))))
         x, _ = split_tensors(task, test, "test")
         texts = _texts(task, test, n)
-        source = f"first {min(n, len(x))} test inputs of task {task.name}" + (f", repeated to {n}" if len(x) < n else "")
+        source = (f"first {min(n, len(x))} test inputs of task {task.name}"
+                  + (f", repeated to {n}" if len(x) < n else ""))
         return Inputs(x.select(torch.arange(n) % len(x)), source, texts)
     except Exception as e:  # no data here (another machine, no folder): still check parity, and say on what
         reason = first_line(e)[:200]

@@ -3,8 +3,8 @@
 The exporter writes contract.json into each model-store entry (contract_version 3):
 
     {"contract_version": 3, "task": "product", "kind": "regression" | "classification",
-     "inputs":  [{"name": "x", "dtype": "float32" | "int64" | "bool", "shape": ["batch", 2], "range": null | [low, high],
-                  "max_length": n and "pad": v (when a size varies), "padding_mask_of": "ids", "tokenizer": {...}}],
+     "inputs":  [{"name": "x", "dtype": "float32" | "int64" | "bool", "shape": ["batch", 2],
+                  "range": null | [low, high], "max_length": n and "pad": v (when a size varies), "padding_mask_of": "ids", "tokenizer": {...}}],
      "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 1], ...}], "target": "y",
      "classes": null | [one name per column of the target output], "train_range": null | [[low, high), ...], ...}
 

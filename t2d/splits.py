@@ -169,7 +169,8 @@ def real_values(features: Features, k: int) -> torch.Tensor:
     shape = x.shape
     keep = torch.ones(shape, dtype=torch.bool, device=x.device)
     for axis, name in features.axes[k].items():
-        positions = torch.arange(shape[axis], device=x.device).view(*[-1 if a == axis else 1 for a in range(len(shape))])
+        view = [-1 if a == axis else 1 for a in range(len(shape))]
+        positions = torch.arange(shape[axis], device=x.device).view(*view)
         keep &= positions < features.lengths[name].view(-1, *[1] * (len(shape) - 1))
     return x[keep]
 

@@ -114,7 +114,8 @@ class Input:
         if self.normalize not in NORMALIZE:
             raise ValueError(f"Input.normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
         if self.normalize != "none" and self.dtype != "float32":
-            raise ValueError(f"Input {self.name} is {self.dtype}: only float32 inputs are normalized (normalize='none')")
+            raise ValueError(f"Input {self.name} is {self.dtype}: only float32 inputs are normalized "
+                             f"(normalize='none')")
         if self.normalize == "feature" and variable:
             raise ValueError(f"Input {self.name} has a None size: normalize it 'global' or 'none', not per feature")
         if self.tokenizer is not None:

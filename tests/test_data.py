@@ -107,7 +107,8 @@ def test_image_data_splits_and_scales_pixels_to_unit_range(tmp_path):
     assert data.train_x.tensors[0].dtype == torch.float32 and data.train_y.dtype == torch.int64
     # pixels in [0, 1]: the byte / 255, in training as in the exported graph and on the wire
     assert torch.equal(data.test_x.tensors[0][:, 0], torch.from_numpy(test_images).float() / 255)
-    assert data.train_x.tensors[0].min() >= 0 and data.train_x.tensors[0].max() <= 1 and data.train_x.tensors[0].max() > 0.7
+    train_x = data.train_x.tensors[0]
+    assert train_x.min() >= 0 and train_x.max() <= 1 and train_x.max() > 0.7
     assert torch.equal(data.test_y, torch.from_numpy(test_labels).long())
     assert data.classes[0] == "T-shirt/top" and len(data.classes) == 10
 
@@ -144,8 +145,9 @@ def test_image_data_rejects_bad_contents(tmp_path):
 
 def test_product_data_is_the_reference_draw():
     data = task_data("product", size=100, val_size=20, test_size=50, test_seed=123)
-    assert data.train_x.tensors[0].shape == (100, 2) and data.val_x.tensors[0].shape == (20, 2) and data.test_x.tensors[0].shape == (50, 2)
-    for x, y in ((data.train_x.tensors[0], data.train_y), (data.val_x.tensors[0], data.val_y), (data.test_x.tensors[0], data.test_y)):
+    train_x, val_x, test_x = (d.tensors[0] for d in (data.train_x, data.val_x, data.test_x))
+    assert train_x.shape == (100, 2) and val_x.shape == (20, 2) and test_x.shape == (50, 2)
+    for x, y in ((train_x, data.train_y), (val_x, data.val_y), (test_x, data.test_y)):
         assert x.min() >= 1 and x.max() < 10
         assert torch.equal(y, (x[:, 0] * x[:, 1]).unsqueeze(1))
     # the reference: torch.manual_seed(123); X1 = 1 + 9 * rand(n); X2 = 1 + 9 * rand(n)
@@ -153,7 +155,7 @@ def test_product_data_is_the_reference_draw():
     x1, x2 = 1 + 9 * torch.rand(50, generator=g), 1 + 9 * torch.rand(50, generator=g)
     assert torch.equal(data.test_x.tensors[0], torch.stack([x1, x2], 1))
     other = task_data("product", size=100, val_size=20, test_size=50, test_seed=123, seed=1)
-    assert torch.equal(other.test_x.tensors[0], data.test_x.tensors[0]) and not torch.equal(other.train_x.tensors[0], data.train_x.tensors[0])
+    assert torch.equal(other.test_x.tensors[0], test_x) and not torch.equal(other.train_x.tensors[0], train_x)
     # the task's own function, as the trainer calls it: training and validation points are one draw
     splits = product.data(DataOptions(seed=0, size=100, val_size=20, test_size=50))
     assert torch.equal(splits.train[0], data.train_x.tensors[0]) and torch.equal(splits.val[0], data.val_x.tensors[0])

@@ -329,7 +329,8 @@ def test_version_1_product_checkpoint_keeps_its_statistics(tmp_path):
                    {"input": old.input_norms["0"].to_dict()})
     ckpt = load_checkpoint(tmp_path / "v1.pt")
     assert ckpt["model_config"] == {"hidden": [16, 8], "activation": "relu", "dropout": 0.0}
-    assert torch.equal(ckpt["state_dict"]["input_norms.0.mean"], old.input_norms["0"].mean)  # raw X1, X2: no pixel scaling
+    # raw X1, X2: no pixel scaling
+    assert torch.equal(ckpt["state_dict"]["input_norms.0.mean"], old.input_norms["0"].mean)
     x = 1 + 9 * torch.rand(5, 2)
     with torch.no_grad():
         assert torch.equal(predictor_from_checkpoint(ckpt, PRODUCT)(x), old(x))

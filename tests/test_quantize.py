@@ -276,7 +276,8 @@ def test_export_calibrates_on_train_and_measures_on_test(user_task, tmp_path):
     assert splits[first:last + 1] == ["train"] * 400 and splits.count("train") == 400
     calibration = torch.randperm(400, generator=torch.Generator().manual_seed(CALIBRATION_SEED))[:64].sort().values
     assert [i for _, i in user_task.ACCESS[first:first + 64]] == calibration.tolist()
-    assert sorted(i for _, i in user_task.ACCESS[first + 64:last + 1]) == sorted(set(range(400)) - set(calibration.tolist()))
+    validation = sorted(i for _, i in user_task.ACCESS[first + 64:last + 1])
+    assert validation == sorted(set(range(400)) - set(calibration.tolist()))
     assert set(splits[:first]) == {"test"} and splits[last + 1:] == ["test"] * 150
 
 

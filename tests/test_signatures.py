@@ -182,6 +182,30 @@ def test_a_task_s_own_collate_batches_its_samples(tmp_path, monkeypatch):
     assert ids.shape[1] == 4 and torch.equal(padding, torch.arange(4) >= lengths[:, None])  # masks made after it
 
 
+def test_group_by_length_batches_similar_sizes_and_keeps_every_sample_once():
+    from train.fit import group_by_length
+
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(1, 25, (1000,), generator=g)
+    batches = list(torch.randperm(1000, generator=g).split(32))
+    grouped = group_by_length(batches, sizes, seed=3)
+    assert sorted(torch.cat(grouped).tolist()) == list(range(1000))
+    assert sorted(len(b) for b in grouped) == sorted(len(b) for b in batches)
+    spread = lambda bs: float(torch.tensor([float(sizes[b].max() - sizes[b].min()) for b in bs]).mean())  # noqa: E731
+    assert spread(grouped) < spread(batches) / 4  # a batch's samples are nearly the same size
+    assert [b.tolist() for b in group_by_length(batches, sizes, seed=3)] == [b.tolist() for b in grouped]
+
+
+def test_group_by_length_trains_a_text_task_and_is_refused_without_sizes_that_vary(tmp_path, capsys):
+    from train.main import main as train_main
+
+    summary = train(["--task", "signature_tasks:WORDS", "--data.group_by_length", "true", "--epochs", "2"], tmp_path)
+    assert summary["val"]["accuracy"] > 50  # three classes: it learned
+    assert train_main(["--task", "signature_tasks:TABULAR", "--data.group_by_length", "true",
+                            "--out", str(tmp_path / "no"), "--device", "cpu"]) == 2
+    assert "data.group_by_length groups samples by size" in one_error_line(capsys.readouterr().err)
+
+
 # --- train and export ----------------------------------------------------------------------------------------------
 
 def export_cli(args: list[str], home: Path) -> subprocess.CompletedProcess:
@@ -457,9 +481,9 @@ def test_the_page_has_a_text_box_for_a_model_that_takes_text(server, runs):
 
 
 def test_language_id_without_the_word_lists_stops_with_one_line_naming_the_packages(tmp_path, capsys):
-    import train.main
+    from train.main import main as train_main
 
-    assert train.main.main(["--task", "examples.language_id:TASK", "--data.dir", str(tmp_path), "--out",
+    assert train_main(["--task", "examples.language_id:TASK", "--data.dir", str(tmp_path), "--out",
                             str(tmp_path / "run"), "--device", "cpu"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"in {tmp_path}: apt-get install wamerican wfrench wngerman wspanish witalian wportuguese wdutch" in line

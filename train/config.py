@@ -96,6 +96,10 @@ class DataConfig:
     """Images: random-crop augmentation with this much zero padding (0 = off; 2 is typical; below the image's side)."""
     hflip: bool = False
     """Images: random horizontal flips (sensible for Fashion-MNIST, not for digits)."""
+    group_by_length: bool = False
+    """Tasks whose inputs vary in size: batches of samples of similar size (each run of 50 shuffled batches sorted
+    by size, then the batches shuffled), so that less of each batch is padding; the order still changes every
+    epoch."""
     skip_easiest: float = 0.0
     """After the first epoch, skip this fraction of the training set in each epoch: the examples whose
     loss was lowest when last trained on (train/select.py). 0 = every epoch trains on every example."""
@@ -290,6 +294,9 @@ class Config:
         if self.sched.name in ("cosine", "plateau") and self.sched.min_lr > self.optim.lr:
             raise ConfigError(f"sched.min_lr {self.sched.min_lr} is above optim.lr {self.optim.lr}; "
                               f"sched.name {self.sched.name} would raise the rate, not lower it")
+        if self.data.group_by_length and not any(i.variable for i in task.inputs):
+            raise ConfigError(f"data.group_by_length groups samples by size, and task {task.name}'s inputs all have "
+                              f"a fixed size: set it to false")
         if self.optim.name == "lbfgs" and self.data.skip_easiest:
             raise ConfigError("data.skip_easiest does not apply to optim.name lbfgs (one batch of the whole set); "
                               "set it to 0")

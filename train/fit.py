@@ -122,6 +122,8 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
         stopper = load_training_state(resume["resume"], opt, sched, scaler, stopper, hard)
         start = resume["epoch"]
 
+    # Each sample's largest varying size, for data.group_by_length.
+    sizes = torch.stack(list(data.train_x.lengths.values())).amax(0) if cfg.data.group_by_length else None
     loss_f = loss_fn(regression, cfg.optim.label_smoothing, predictor.target_index if len(task.outputs) > 1 else None)
     best_state = copy_tensors(predictor.state_dict())
     best_metrics: dict = dict(resume.get("metrics", {})) if resume else {}
@@ -149,6 +151,8 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
                                   rt.rank, rt.world_size, rt.device, sampler=not regression)
             if chosen is not None:
                 batches = [chosen[b] for b in batches]
+            if cfg.data.group_by_length:
+                batches = group_by_length(batches, sizes, cfg.run.seed + epoch)
             train_loss = train_epoch(model, x_train, y_train, batches[:steps], loss_f, opt, sched, rt, scaler,
                                      cfg.optim.clip_grad_norm, augment,
                                      f"epoch {epoch}" if cfg.log.progress and rt.is_main and steps >= 100 else None,
@@ -175,6 +179,22 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
                 break
     predictor.load_state_dict(best_state)
     return FitResult(predictor.eval(), kept_epoch, best_metrics, epoch, stopped)
+
+
+GROUP_BATCHES = 50  # data.group_by_length sorts this many batches' samples at a time: similar sizes, still shuffled
+
+
+def group_by_length(batches: list[torch.Tensor], sizes: torch.Tensor, seed: int) -> list[torch.Tensor]:
+    """The same samples in batches of the same sizes, but each run of GROUP_BATCHES batches sorted by sample size
+    and the batches then shuffled (seeded), so that a batch pads its samples little."""
+    counts = [len(b) for b in batches]
+    grouped = []
+    for i in range(0, len(batches), GROUP_BATCHES):
+        idx = torch.cat(batches[i:i + GROUP_BATCHES])
+        idx = idx[torch.sort(sizes[idx], stable=True).indices]
+        grouped += list(idx.split(counts[i:i + GROUP_BATCHES]))
+    order = torch.randperm(len(grouped), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [grouped[k] for k in order]
 
 
 def check_output_shape(task: t2d.Task, arch: str, net: torch.nn.Module, xs: tuple[torch.Tensor, ...]) -> None:
