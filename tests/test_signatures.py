@@ -500,3 +500,14 @@ def test_language_id_words_are_unambiguous_balanced_and_split_the_same_every_run
         found = [lang for lang, words_ in lists.items() if text in words_]
         assert found == [list(LISTS)[label]], (text, found)  # in its own list and no other
     assert labelled_words("/usr/share/dict", 300) == (texts, labels)
+
+
+def test_regression_plots_name_the_task_s_own_output_one_row_per_value(tmp_path):
+    from train import plots
+
+    true, pred = torch.rand(50, 2), torch.rand(50, 2)
+    labels = plots.predicted_vs_true(true, pred, Output("progression", 2), tmp_path / "two.png")
+    assert labels == ["true progression[0]", "true progression[1]"] and (tmp_path / "two.png").stat().st_size > 0
+    assert plots.predicted_vs_true(true[:, :1], pred[:, :1], Output("y", 1), tmp_path / "one.png") == ["true y"]
+    many = plots.predicted_vs_true(torch.rand(9, 6), torch.rand(9, 6), Output("v", 6), tmp_path / "six.png")
+    assert len(many) == plots.MAX_PANELS

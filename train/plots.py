@@ -24,9 +24,10 @@ def loss_curves(history: list[dict], path: Path) -> None:
 MAX_PANELS = 4  # a regression with more targets shows its first four: one row of panels each
 
 
-def predicted_vs_true(true, pred, output, path: Path, max_points: int = 5000) -> None:
+def predicted_vs_true(true, pred, output, path: Path, max_points: int = 5000) -> list[str]:
     """One row per target value of `output` (a t2d.Output; `true` and `pred` are (N, output.size)): left,
-    predictions against the truth; right, the error, which the left panel is too coarse to show."""
+    predictions against the truth; right, the error, which the left panel is too coarse to show. Returns the
+    x-axis label of each row."""
     true, pred = true[:max_points].reshape(len(true[:max_points]), -1), pred[:max_points].reshape(len(true[:max_points]), -1)
     columns = min(true.shape[1], MAX_PANELS)
     fig, axes = plt.subplots(columns, 2, figsize=(11, 5 * columns), squeeze=False)
@@ -50,6 +51,7 @@ def predicted_vs_true(true, pred, output, path: Path, max_points: int = 5000) ->
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return [row[0].get_xlabel() for row in axes]
 
 
 def confusion_matrix(confusion: list[list[int]], classes: list[str], path: Path) -> None:
