@@ -39,6 +39,7 @@ quantization.json, with the CPU they were measured on and the latency of both mo
 variant that passes also gets its self-check sample (`t2d.selfcheck`), which the server runs at load.
 """
 
+import contextlib
 import json
 import statistics
 import tempfile
@@ -302,7 +303,10 @@ def prepare(float_file: Path, tmp: Path, calibration: dict[str, np.ndarray] | No
         float_file = folded_file
     prepared = tmp / "prepared.onnx"
     try:  # symbolic shape inference + onnxruntime graph optimizations
-        quant_pre_process(str(float_file), str(prepared))
+        # When symbolic inference gives up, onnxruntime saves its half-inferred graph (and weight files) to the
+        # working directory: run it from the temporary folder so nothing is left in the user's.
+        with contextlib.chdir(tmp):
+            quant_pre_process(str(float_file.resolve()), str(prepared.resolve()))
     except Exception as e:  # a Transformer's graph defeats symbolic shape inference: onnx's own inference then
         if "symbolic shape inference" not in str(e):
             raise
