@@ -20,6 +20,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "lbfgs")
 SCHEDULERS = ("none", "step", "cosine", "plateau", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CHANNELS_LAST = ("auto", "on", "off")
 MAX_SEED = 2**63 - 1  # any seed torch's generators take, with room for seed + epoch
 MAX_POINTS = 10**8  # product data sizes
 MAX_THREADS = 1024  # torch.set_num_threads takes a C int; more threads than this is a typo
@@ -57,8 +58,20 @@ class RunConfig:
     the product MLP, which gain nothing from a second thread and, on a busy machine, lose much
     waiting for it: a 0.5 s run took 6-18 s with 2 threads on 2 shared cores (measured)."""
 
+    channels_last: str = "auto"
+    """auto | on | off: image models train with their weights and batches in torch's channels_last (NHWC)
+    layout, oneDNN's fast path. auto = on for image tasks on CPU, where a CNN step took 0.6x the time
+    (bench/train_step.py, BENCHMARKS.md), and off on CUDA and MPS, where it was not measured. Checkpoints
+    and exports are the same either way."""
+    compile: bool = False
+    """Train through torch.compile: its first step compiles for tens of seconds, and on the CPUs measured
+    (bench/train_step.py) a compiled CNN step was slower than an eager one in channels_last, so it is
+    off by default; try it for long runs on a GPU. Only the training steps are compiled: validation,
+    checkpoints and the export use the eager module, unchanged."""
+
     def check(self):
         _choice("run.device", self.device, DEVICES)
+        _choice("run.channels_last", self.channels_last, CHANNELS_LAST)
         _choice("run.precision", self.precision, PRECISIONS)
         _at_least("run.epochs", self.epochs, 1)
         _at_least("run.folds", self.folds, 1)

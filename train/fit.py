@@ -61,6 +61,13 @@ class Stopper:
         return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
 
 
+def use_channels_last(setting: str, task, device: torch.device) -> bool:
+    """Whether to train in channels_last: run.channels_last, with auto = image tasks on CPU (measured faster
+    there, bench/train_step.py; not measured on CUDA or MPS)."""
+    images = any(i.is_image for i in task.inputs)
+    return images and (device.type == "cpu" if setting == "auto" else setting == "on")
+
+
 def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, resume: dict | None = None) -> FitResult:
     task = cfg.task
     regression = task.regression
@@ -82,8 +89,8 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
         if regression:
             predictor.target_norm.fit(data.train_y)
     predictor.to(rt.device)
-    if task.image_input and rt.device.type == "cpu":
-        # NHWC conv weights: oneDNN's fast CPU path, about 35% less time per CNN step (measured); no-op for MLPs.
+    channels_last = use_channels_last(cfg.run.channels_last, task, rt.device)
+    if channels_last:  # NHWC conv weights (a no-op for other layers); the batches follow in train_epoch
         predictor.net.to(memory_format=torch.channels_last)
 
     # Standardize the training split once; validation and test go through the raw-units predictor.
@@ -97,6 +104,8 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
     net = predictor.net
     model = DistributedDataParallel(net, device_ids=[rt.device] if rt.device.type == "cuda" else None) \
         if rt.distributed else net
+    if cfg.run.compile:  # shares net's parameters: the optimizer, checkpoints and evaluation see the eager module
+        model = torch.compile(model)
 
     global_batch = cfg.data.batch_size
     if global_batch % rt.world_size:
@@ -156,7 +165,7 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
             train_loss = train_epoch(model, x_train, y_train, batches[:steps], loss_f, opt, sched, rt, scaler,
                                      cfg.optim.clip_grad_norm, augment,
                                      f"epoch {epoch}" if cfg.log.progress and rt.is_main and steps >= 100 else None,
-                                     hard)
+                                     hard, channels_last)
             if hard:
                 hard.end_epoch()
             val = evaluate(predictor, data.val_x, data.val_y, regression, cfg.data.eval_batch_size, rt, num_classes)
@@ -420,7 +429,8 @@ def _payload(cfg: Config, config: dict, predictor: Predictor, epoch: int, metric
         "kind": task.kind,
         "arch": cfg.arch,
         "model_config": cfg.model_fields,
-        "state_dict": {k: v.detach().cpu() for k, v in predictor.state_dict().items()},
+        # contiguous: the file is the same whatever layout training ran in (run.channels_last)
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in predictor.state_dict().items()},
         "normalization": predictor.norm_stats(task),
         "inputs": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in task.inputs],
         "classes": list(task.classes) if task.classes else None,

@@ -25,11 +25,12 @@ from models import build_predictor
 from models.checkpoint import CheckpointError, first_line, load_checkpoint, remove_stale_temp_files, save_checkpoint, \
     validate_checkpoint
 from t2d import DataError, builtin_tasks, is_builtin
+from t2d.cpu import cpu_info
 from t2d.splits import join
 from train.config import SECTIONS, Config, ConfigError, build_config, load_yaml, parse_overrides
 from train.data import TaskData, load_task_data
 from train.engine import NonFiniteLossError, evaluate, predict
-from train.fit import FitResult, check_output_shape, check_resume_data, check_resume_state, fit
+from train.fit import FitResult, check_output_shape, check_resume_data, check_resume_state, fit, use_channels_last
 from t2d.files import write_json
 from train.report import RunLog, fmt_metrics, read_history, scalars
 from train.runtime import Runtime, barrier, setup, teardown
@@ -226,6 +227,9 @@ def _finish(cfg: Config, data: TaskData, rt: Runtime, out: Path, result: FitResu
         "task": cfg.task.name, "task_ref": None if is_builtin(cfg.task) else cfg.run.task, "arch": cfg.arch, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
         "stopped": result.stopped, "train_seconds": round(train_seconds, 3), "device": str(rt.device),
         "precision": rt.precision, "processes": rt.world_size,
+        # the machine the seconds were measured on: speed ratios from two CPU kinds are not comparable
+        "cpu": cpu_info(), "gpu": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else None,
+        "channels_last": use_channels_last(cfg.run.channels_last, cfg.task, rt.device), "compile": cfg.run.compile,
         "val": scalars(result.best_metrics),
         "test": {k: v for k, v in test.items() if k != "confusion"} if test else None,
     }
