@@ -305,8 +305,9 @@ def prepare(float_file: Path, tmp: Path, calibration: dict[str, np.ndarray] | No
     try:  # symbolic shape inference + onnxruntime graph optimizations
         # When symbolic inference gives up, onnxruntime saves its half-inferred graph (and weight files) to the
         # working directory: run it from the temporary folder so nothing is left in the user's.
+        source, target = str(float_file.resolve()), str(prepared.resolve())  # before the chdir: paths may be relative
         with contextlib.chdir(tmp):
-            quant_pre_process(str(float_file.resolve()), str(prepared.resolve()))
+            quant_pre_process(source, target)
     except Exception as e:  # a Transformer's graph defeats symbolic shape inference: onnx's own inference then
         if "symbolic shape inference" not in str(e):
             raise
