@@ -164,7 +164,8 @@ TEXT_TOKEN_BYTES = {"char": 4, "word": 64}  # UTF-8 takes at most 4 bytes a char
 
 def binary_limit(path: str) -> int | None:
     """The largest binary request the model that `path` names can take (MAX_ROWS rows of every input at its
-    largest, text at its longest; for an image input at least IMAGE_FILES_BYTES of files), within BINARY_CEILING; None where no model is served under that name."""
+    largest, text at its longest; for an image input at least IMAGE_FILES_BYTES of files), within
+    BINARY_CEILING; None where no model is served under that name."""
     registry = app.state.registry
     parts = path.split("/")
     served = registry.models.get(parts[3]) if registry is not None and len(parts) > 3 else None

@@ -151,8 +151,8 @@ def test_a_bad_file_is_a_4xx_with_one_line_and_the_server_keeps_serving(server, 
 
     client = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}")
     for name, (file, status) in BAD.items():
-        body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "base64"},
-                            "data": [base64.b64encode(file).decode()]}]}
+        body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                            "parameters": {"content_type": "base64"}, "data": [base64.b64encode(file).decode()]}]}
         error = server.expect(server.post("/v2/models/resnet18/infer", body), status)["error"]
         assert error.startswith("inputs[0] (image).data[0]: ") and "\n" not in error, (name, error)
         image = httpclient.InferInput("image", [1], "BYTES")
@@ -184,8 +184,11 @@ def test_the_page_sends_a_picked_jpeg_and_previews_what_the_model_receives(serve
         preview = np.array(c.locator("canvas.seen").evaluate(
             "c => Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)")).reshape(224, 224, 4)
         browser.close()
-    assert np.allclose(shown, softmax(expected(session, [FILES["photo.jpg"]])[0]), atol=1e-5)
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "base64"},
+                        "data": [base64.b64encode(FILES["photo.jpg"]).decode()]}]}
+    logits = server.expect(server.post("/v2/models/resnet18/infer", body), 200)["outputs"][0]["data"]
+    assert np.allclose(shown, softmax(np.array(logits)), rtol=1e-9, atol=0), (shown, logits)  # the file, unchanged
     with Image.open(path) as image:
         want = np.asarray(image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)).astype(int)
-    # Chromium's JPEG decoder may round an odd pixel apart from Pillow's; the resize itself is Pillow's.
-    assert np.abs(preview[..., :3] - want).max() <= 2, np.abs(preview[..., :3] - want).max()
+    # Another build of chromium's JPEG decoder may round a pixel apart from Pillow's; the resize is Pillow's own.
+    assert np.abs(preview[..., :3] - want).max() <= 1, np.abs(preview[..., :3] - want).max()  # 0 measured here
