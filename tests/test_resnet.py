@@ -107,9 +107,10 @@ def test_jpeg_and_png_files_as_binary_bytes_and_as_base64_json_equal_onnxruntime
 
 
 def test_the_documented_curl_sends_a_jpeg(server, session, tmp_path):
-    """docs/serving.md's JPEG curl, as written there but for the port."""
+    """docs/serving.md's JPEG curl (and the README's), as written there but for the port."""
     page = (REPO / "docs" / "serving.md").read_text()
     command = next(block for block in re.findall(r"```bash\n(.*?)```", page, re.S) if "cat.jpg" in block)
+    assert command in (REPO / "README.md").read_text()  # the README shows the same
     (tmp_path / "cat.jpg").write_bytes(FILES["photo.jpg"])
     shell = shutil.which("bash")
     done = subprocess.run([shell, "-c", command.replace("127.0.0.1:3000", f"127.0.0.1:{server.port}")],
