@@ -41,6 +41,10 @@ TIMEOUT_S = 30
 # is 9.6 MB. Each model's limit is its largest valid request (MAX_ROWS rows), but never above this ceiling, which
 # T2D_MAX_BINARY_BYTES sets: with MAX_CONCURRENCY requests reading bodies at once, the worst case is their product.
 BINARY_CEILING = int(os.environ.get("T2D_MAX_BINARY_BYTES", 64 << 20))
+# Encoded images (PNG, JPEG) sent as binary data to an image input: files up to this much in all per request,
+# whatever the model's own size (a phone's photo for a 28x28 model), within BINARY_CEILING. A JSON body (base64)
+# stays within MAX_BODY_BYTES.
+IMAGE_FILES_BYTES = 32 << 20
 BINARY_HEADER = "inference-header-content-length"
 OCTET_STREAM = "application/octet-stream"
 

@@ -200,13 +200,15 @@ V2_SCHEMAS = {
                                          "(tritonclient's default) sends a JSON header of Inference-Header-Content-"
                                          "Length bytes followed by the raw tensors, each input saying its "
                                          "binary_data_size, and gets binary outputs when it asks (binary_data, "
-                                         "binary_data_output)",
+                                         "binary_data_output). An input's content_type \"base64\": its BYTES "
+                                         "data are files (PNG, JPEG) as base64 text",
         "properties": {k: {"type": "boolean", "enum": [False]} for k in ("binary_data", "binary_data_output",
                                                                           "binary_data_size")},
         "additionalProperties": {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}},
     # Each level holds numbers or lists, never both (the server refuses a mix).
     "V2Data": {"description": "row-major values, flat or nested as the shape: numbers (FP32, INT64: integers), "
-                              "booleans (BOOL) or strings (BYTES: text, for an input that takes it)",
+                              "booleans (BOOL) or strings (BYTES: text, or base64 files for an image input, "
+                              "for an input that takes them)",
                "anyOf": [{"type": "array", "items": FINITE}, {"type": "array", "items": {"type": "boolean"}},
                          {"type": "array", "items": {"type": "string"}},
                          {"type": "array", "items": {"$ref": REF + "V2Data"}}]},
@@ -249,7 +251,13 @@ V2_SCHEMAS = {
     "V2TensorMetadata": {"type": "object", "required": ["name", "datatype", "shape"], "additionalProperties": False,
                          "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
                                         "shape": {"type": "array", "items": {"type": "integer"},
-                                                  "description": "-1 for the batch axis"}}},
+                                                  "description": "-1 for the batch axis"},
+                                        "parameters": {
+                                            "type": "object", "description": "an image input's: it also takes PNG "
+                                            "and JPEG files, BYTES of shape [n] (encoded_image), converted to "
+                                            "image_mode, resized (image_resize) to image_size and scaled to "
+                                            "image_range",
+                                            "additionalProperties": {"type": "string"}}}},
     "V2ModelMetadata": {
         "type": "object", "required": ["name", "versions", "platform", "inputs", "outputs", "parameters"],
         "additionalProperties": False,

@@ -12,9 +12,14 @@ vary between 1 and their max_length, the same for inputs that share the size's n
 input and in its range, booleans in a BOOL one, finite floats. A tokenized input also takes text (BYTES):
 the server tokenizes it with the vocabulary the contract carries, pads it, and makes the padding masks the
 model takes from the same tokenization; a request that sends ids may leave the masks out too, and gets them
-from the ids' trailing padding, as training made them.
+from the ids' trailing padding, as training made them. An image input also takes PNG and JPEG files (BYTES,
+one file a row; `serve.images` says which inputs and how they are decoded): as binary data, each element
+the file's bytes, or in JSON as base64 text with `"parameters": {"content_type": "base64"}` (JSON strings
+are text, and a file is not).
 """
 
+import base64
+import binascii
 import json
 import struct
 from itertools import chain
@@ -22,7 +27,8 @@ from itertools import chain
 import numpy as np
 
 from serve.contract import FLOAT32_MAX, TensorSpec
-from serve.limits import MAX_ROWS
+from serve.images import ImageError, decode, takes_images
+from serve.limits import BINARY_CEILING, MAX_ROWS
 from t2d.text import TextError
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -113,6 +119,8 @@ def parse_inputs(entries, specs: tuple[TensorSpec, ...], binary: memoryview,
         where = f"{where} ({spec.name})"
         if entry["datatype"] == "BYTES" and spec.tokenizer is not None:
             x, lengths[spec.name] = text_array(entry, spec, raw, where)
+        elif entry["datatype"] == "BYTES" and takes_images(spec):
+            x = image_array(entry, spec, raw, where)
         else:
             x = input_array(entry, spec, raw, where)
         if rows is not None and len(x) != rows:
@@ -139,7 +147,9 @@ def parse_inputs(entries, specs: tuple[TensorSpec, ...], binary: memoryview,
 
 
 def _accepts(spec: TensorSpec) -> str:
-    return f"{spec.datatype} or BYTES text" if spec.tokenizer is not None else spec.datatype
+    if spec.tokenizer is not None:
+        return f"{spec.datatype} or BYTES text"
+    return f"{spec.datatype} or BYTES images (PNG, JPEG)" if takes_images(spec) else spec.datatype
 
 
 def _binary_size(entry: dict, where: str, check_parameters) -> int | None:
@@ -244,15 +254,57 @@ def _checked(x: np.ndarray, spec: TensorSpec, where: str, flat: list | None) -> 
     return x
 
 
-def text_array(entry: dict, spec: TensorSpec, raw: memoryview | None, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Text for a tokenized input (BYTES, one string per row, shape [n] or [n, 1]): its ids, padded to the longest,
-    and each row's number of tokens."""
+def _one_per_row(entry: dict, where: str, what: str) -> int:
+    """The rows of a BYTES input that holds one element a row (shape [n] or [n, 1])."""
     shape = entry["shape"]
     if not (type(shape) is list and all(type(d) is int for d in shape) and shape[1:] in ([], [1])
             and shape and 1 <= shape[0] <= MAX_ROWS):
-        raise V2Error(400, f"{where}.shape is {show(shape)}; text is one string a row: send [n] or [n, 1] with "
-                           f"1 <= n <= {MAX_ROWS}")
-    texts = _strings(raw, shape[0], where) if raw is not None else _flat(entry["data"], len(shape), where)
+        raise V2Error(400, f"{where}.shape is {show(shape)}; {what}: send [n] or [n, 1] with 1 <= n <= {MAX_ROWS}")
+    return shape[0]
+
+
+def image_array(entry: dict, spec: TensorSpec, raw: memoryview | None, where: str) -> np.ndarray:
+    """PNG or JPEG files for an image input (BYTES, one file a row): the rows the model takes (`serve.images`)."""
+    n = _one_per_row(entry, where, "images are one file a row")
+    row_bytes = spec.size * 4
+    if n * row_bytes > BINARY_CEILING:  # what n rows of float32 would take as binary data: the same ceiling
+        raise V2Error(413, f"{where} has {n} images, {n * row_bytes} bytes as the model's float32 rows; the limit is "
+                           f"{BINARY_CEILING} bytes, {BINARY_CEILING // row_bytes} images a request")
+    content_type = (entry.get("parameters") or {}).get("content_type")
+    if content_type not in (None, "base64"):
+        raise V2Error(400, f"{where}.parameters.content_type is {show(content_type)}; the only one an image input "
+                           f"takes is \"base64\" (or none, for binary data)")
+    if raw is not None:
+        files = [bytes(f) for f in _elements(raw, n, where)]
+    elif content_type != "base64":
+        raise V2Error(400, f"{where} holds images in JSON, which takes them as base64 text only: add \"parameters\": "
+                           f"{{\"content_type\": \"base64\"}}, or send the files as binary data")
+    else:
+        files = _flat(entry["data"], len(entry["shape"]), where)
+        if len(files) != n:
+            raise V2Error(400, f"{where}.data has {len(files)} elements; shape {entry['shape']} needs {n}")
+    rows = []
+    for k, file in enumerate(files):
+        if content_type == "base64":
+            if type(file) not in (str, bytes):
+                raise V2Error(400, f"{where}.data[{k}] is {show(file)}; send a file's base64 text")
+            try:
+                file = base64.b64decode(file, validate=True)
+            except (binascii.Error, ValueError):
+                raise V2Error(400, f"{where}.data[{k}] is not base64 text (A-Z, a-z, 0-9, +, /, = padding)") from None
+        try:
+            rows.append(decode(file, spec))
+        except ImageError as e:
+            raise V2Error(e.status, f"{where}.data[{k}]: {e}") from None
+    return np.stack(rows)
+
+
+def text_array(entry: dict, spec: TensorSpec, raw: memoryview | None, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Text for a tokenized input (BYTES, one string per row, shape [n] or [n, 1]): its ids, padded to the longest,
+    and each row's number of tokens."""
+    n = _one_per_row(entry, where, "text is one string a row")
+    shape = entry["shape"]
+    texts = _strings(raw, n, where) if raw is not None else _flat(entry["data"], len(shape), where)
     if len(texts) != shape[0]:
         raise V2Error(400, f"{where}.data has {len(texts)} strings; shape {shape} needs {shape[0]}")
     ids = []
@@ -270,8 +322,8 @@ def text_array(entry: dict, spec: TensorSpec, raw: memoryview | None, where: str
     return x, lengths
 
 
-def _strings(raw: memoryview, n: int, where: str) -> list[str]:
-    """n BYTES elements of binary data: each a 4-byte little-endian length, then that many UTF-8 bytes."""
+def _elements(raw: memoryview, n: int, where: str) -> list[memoryview]:
+    """n BYTES elements of binary data: each a 4-byte little-endian length, then that many bytes."""
     out, offset = [], 0
     for k in range(n):
         if offset + 4 > len(raw):
@@ -280,13 +332,21 @@ def _strings(raw: memoryview, n: int, where: str) -> list[str]:
         offset += 4
         if offset + size > len(raw):
             raise V2Error(400, f"{where}'s binary element {k} says {size} bytes; {len(raw) - offset} are left")
-        try:
-            out.append(bytes(raw[offset:offset + size]).decode("utf-8"))
-        except UnicodeDecodeError:
-            raise V2Error(400, f"{where}'s binary element {k} is not UTF-8 text") from None
+        out.append(raw[offset:offset + size])
         offset += size
     if offset != len(raw):
         raise V2Error(400, f"{where} has {len(raw) - offset} bytes of binary data after its {n} elements")
+    return out
+
+
+def _strings(raw: memoryview, n: int, where: str) -> list[str]:
+    """n BYTES elements of binary data, each UTF-8 text."""
+    out = []
+    for k, element in enumerate(_elements(raw, n, where)):
+        try:
+            out.append(bytes(element).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise V2Error(400, f"{where}'s binary element {k} is not UTF-8 text") from None
     return out
 
 

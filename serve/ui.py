@@ -11,7 +11,8 @@ A card is read from the model store once, at start-up (`cards`, called by the se
 its `Registry`): the entry's metadata as `python -m export` wrote it (`export.main.store_metadata`), its
 creation time, the served model's contract, and the plots the export copied into the entry (plain files
 only, as `serve.store` reads every file). The page itself calls the same HTTP endpoints as any client:
-/v2/models/{name}/infer, and /predict and /classify_png for the models behind the typed endpoints.
+/v2/models/{name}/infer, and /predict for the product model. An image model's card takes a PNG or JPEG file,
+sent as the BYTES input the server decodes (`serve.images`), and previews it resized as the server resizes it.
 """
 
 import json
@@ -26,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from serve.images import takes_images
 from serve.store import CONTRACT_FILE, Registry, read_plain_file
 
 logger = logging.getLogger("bentoml.train_to_deploy")
@@ -97,13 +99,15 @@ def _try(model, slot: str | None) -> dict[str, Any]:
         return {"how": "text", "endpoint": infer, "input": text[0].name, "max_length": text[0].max_length,
                 "level": text[0].tokenizer.level, "target": model.signature.target,
                 "classification": model.contract.get("kind") == "classification"}
-    if (model.contract.get("kind") == "classification" and len(inputs) == 1 and len(first.sample_shape) == 3
-            and first.sample_shape[0] == 1):
-        pad = {"how": "pad", "endpoint": infer, "input": first.name, "height": first.sample_shape[1],
-               "width": first.sample_shape[2], "output": model.signature.outputs[0].name}
-        if slot == "classifier":  # /classify_png serves this very model
-            pad["png"] = "/classify_png"
-        return pad
+    classifier = model.contract.get("kind") == "classification"
+    if classifier and len(inputs) == 1 and len(first.sample_shape) == 3 and first.sample_shape[0] == 1:
+        return {"how": "pad", "endpoint": infer, "input": first.name, "height": first.sample_shape[1],
+                "width": first.sample_shape[2], "output": model.signature.outputs[0].name,
+                "files": takes_images(first)}
+    if len(inputs) == 1 and takes_images(first):  # a file picker: PNG or JPEG, sent as the BYTES the server decodes
+        channels, height, width = first.sample_shape
+        return {"how": "image", "endpoint": infer, "input": first.name, "channels": channels, "height": height,
+                "width": width, "target": model.signature.target, "classification": classifier}
     if len(inputs) == 1 and len(first.sample_shape) == 1 and first.sample_shape[0] <= FORM_FIELDS:
         return {"how": "fields", "endpoint": infer, "input": first.name, "features": first.sample_shape[0]}
     return {"how": "json", "endpoint": infer}

@@ -6,7 +6,8 @@
         "outputs":[{"name":"y","datatype":"FP32","shape":[1,1],"data":[12.01...]}]}
 
 Triton's binary tensor data extension (what `tritonclient.http` uses by default) and every datatype a
-contract takes (FP32, INT64, BOOL; BYTES text for a tokenized input): `serve.tensors`.
+contract takes (FP32, INT64, BOOL; BYTES text for a tokenized input, BYTES PNG or JPEG files for an image
+input, which its metadata says in `parameters`): `serve.tensors` and `serve.images`.
 
 Routes (a Starlette app that `serve.service` mounts into the same `bentoml serve`):
 GET /v2 (server metadata), /v2/health/live, /v2/health/ready (the /readyz rule), /v2/models/{name}
@@ -34,7 +35,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from serve.contract import TensorSpec
-from serve.limits import BINARY_CEILING, MAX_ROWS
+from serve.images import image_parameters, takes_images
+from serve.limits import BINARY_CEILING, IMAGE_FILES_BYTES, MAX_ROWS
 from serve.store import PINS_ENV, ModelRunError, OnnxModel, Registry
 from serve.tensors import HEADER_LENGTH, V2Error, encode_output, parse_inputs, show, split_body
 from t2d.files import first_line
@@ -90,9 +92,14 @@ async def ready(request: Request) -> Response:
 async def model_metadata(request: Request) -> Response:
     model = _model(request)
     return _json(200, {"name": model.name, "versions": [model.version], "platform": PLATFORM,
-                       "inputs": [s.metadata() for s in model.inputs],
+                       "inputs": [_input_metadata(s) for s in model.inputs],
                        "outputs": [s.metadata() for s in model.outputs],
                        "parameters": {"variant": model.variant}})
+
+
+def _input_metadata(spec: TensorSpec) -> dict:
+    # The protocol's tensor metadata has no way to say that an FP32 input also takes BYTES files: parameters do.
+    return {**spec.metadata(), "parameters": image_parameters(spec)} if takes_images(spec) else spec.metadata()
 
 
 async def model_ready(request: Request) -> Response:
@@ -106,7 +113,12 @@ async def infer(request: Request) -> Response:
     body = parse_body(header)
     if "parameters" in body:
         check_parameters(body["parameters"], "parameters")
-    feeds, rows = parse_inputs(body.get("inputs"), model.inputs, binary, check_parameters)
+    entries = body.get("inputs")
+    if type(entries) is list and any(type(e) is dict and e.get("datatype") == "BYTES" for e in entries):
+        # Files to decode (a photo takes tens of ms): in a worker thread, so other connections are answered meanwhile.
+        feeds, rows = await run_in_threadpool(parse_inputs, entries, model.inputs, binary, check_parameters)
+    else:
+        feeds, rows = parse_inputs(entries, model.inputs, binary, check_parameters)
     wanted = parse_outputs(body["outputs"], model.outputs) if "outputs" in body else [
         (spec, None) for spec in model.outputs]
     if "id" in body and type(body["id"]) is not str:
@@ -152,18 +164,21 @@ TEXT_TOKEN_BYTES = {"char": 4, "word": 64}  # UTF-8 takes at most 4 bytes a char
 
 def binary_limit(path: str) -> int | None:
     """The largest binary request the model that `path` names can take (MAX_ROWS rows of every input at its
-    largest, text at its longest), within BINARY_CEILING; None where no model is served under that name."""
+    largest, text at its longest; for an image input at least IMAGE_FILES_BYTES of files), within
+    BINARY_CEILING; None where no model is served under that name."""
     registry = app.state.registry
     parts = path.split("/")
     served = registry.models.get(parts[3]) if registry is not None and len(parts) > 3 else None
     if served is None or served.model is None:
         return None
-    row = 0
+    row, limit = 0, 0
     for spec in served.model.inputs:
         row += spec.size * ELEMENT_BYTES[spec.datatype]
         if spec.tokenizer is not None:
             row = max(row, 4 + spec.max_length * TEXT_TOKEN_BYTES[spec.tokenizer.level])
-    return min(BINARY_CEILING, HEADER_BYTES + MAX_ROWS * row)
+        if takes_images(spec):  # a photo's file is larger than a small model's rows
+            limit = HEADER_BYTES + IMAGE_FILES_BYTES
+    return min(BINARY_CEILING, max(limit, HEADER_BYTES + MAX_ROWS * row))
 
 
 # --- which model -----------------------------------------------------------------------------------

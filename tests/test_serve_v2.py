@@ -156,6 +156,9 @@ def test_model_metadata_comes_from_the_contract(server, store):
                 "inputs": [{"name": inp, "datatype": "FP32", "shape": in_shape}],
                 "outputs": [{"name": out, "datatype": "FP32", "shape": out_shape}],
                 "parameters": {"variant": "fp32"}}
+        if name == "fashion-mnist":  # an image input with a range: it also takes PNG and JPEG files
+            want["inputs"][0]["parameters"] = {"encoded_image": "png,jpeg", "image_mode": "L", "image_size": "28x28",
+                                               "image_resize": "bilinear", "image_range": "0,1"}
         assert server.expect(server.get(f"/v2/models/{name}"), 200) == want
         assert server.expect(server.get(f"/v2/models/{name}/versions/{version(tag)}"), 200) == want
         for path in (f"/v2/models/{name}/ready", f"/v2/models/{name}/versions/{version(tag)}/ready"):

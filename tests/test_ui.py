@@ -8,6 +8,7 @@ Screenshots of each page are kept under $T2D_TEST_ARTIFACTS (default: a pytest t
 is printed.
 """
 
+import base64
 import os
 import shutil
 from pathlib import Path
@@ -16,8 +17,9 @@ import numpy as np
 import pytest
 import yaml
 from conftest import FAST, cli
+from PIL import Image
 from playwright.sync_api import sync_playwright
-from serving import Server, copy_store, exported, png, softmax
+from serving import Server, copy_store, exported, softmax
 from test_task import export_cli, write_user_tasks
 
 pytestmark = pytest.mark.slow
@@ -188,25 +190,35 @@ def test_a_drawing_gets_the_answer_v2_gives_for_the_input_the_page_shows(browser
     assert c.locator(".bar").count() == 0
 
 
-def test_a_png_upload_gets_the_classify_png_answer(browser, server, tmp_path):
+def pillow_pixels(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """The file's pixels as the server decodes them (serve/images.py), by Pillow directly."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB").convert(mode).resize(size, Image.Resampling.BILINEAR))
+
+
+def test_a_picked_file_is_previewed_as_the_server_decodes_it_and_gets_v2_s_answer_for_it(browser, server, tmp_path):
     page = open_ui(browser, server)
     c = card(page, "fashion-mnist")
-    image = np.zeros((28, 28), dtype=np.uint8)
-    image[4:24, 10:18] = 200  # a trouser-ish block
+    rng = np.random.default_rng(3)
+    colour = rng.integers(0, 256, (37, 50, 3), dtype=np.uint8)  # 50 wide, 37 high: shrunk to 28x28, unevenly
+    colour[5:30, 20:30] = 250
     path = tmp_path / "item.png"
-    path.write_bytes(png(image))
+    Image.fromarray(colour, "RGB").save(path)
     c.locator("input[type=file]").set_input_files(str(path))
     c.locator(".bar").nth(9).wait_for()
-    want = server.expect(server.post("/classify_png", path.read_bytes(), "image/png"), 200)
-    assert np.allclose(shown_bars(c), want["probabilities"], atol=1e-9)
-    assert c.locator("[data-field=label]").inner_text() == f"{want['label']}: {want['class_name']}"
+    assert np.array_equal(seen(c).reshape(28, 28), pillow_pixels(path, "L", (28, 28)))
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "base64"},
+                        "data": [base64.b64encode(path.read_bytes()).decode()]}]}
+    logits = np.array(server.expect(server.post("/v2/models/fashion-mnist/infer", body), 200)["outputs"][0]["data"])
+    assert np.allclose(shown_bars(c), softmax(logits), atol=1e-9)
 
-    path.write_bytes(png(np.zeros((20, 20))))  # the wrong size: the server's 422, as it says it
+    path.write_bytes(b"not an image")  # the server's 400, as it says it
     c.locator("input[type=file]").set_input_files(str(path))
     error = c.locator("[data-field=server-error]")
     error.wait_for()
-    reply = server.post("/classify_png", path.read_bytes(), "image/png")
-    assert error.inner_text() == f"{reply.status}: {reply.json['error']}"
+    body["inputs"][0]["data"] = [base64.b64encode(path.read_bytes()).decode()]
+    reply = server.post("/v2/models/fashion-mnist/infer", body)
+    assert reply.status == 400 and error.inner_text() == f"400: {reply.json['error']}"
 
 
 def test_the_product_form_answers_and_shows_the_servers_errors(browser, server):

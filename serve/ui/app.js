@@ -125,8 +125,8 @@ function card(m) {
 // --- calling the server -----------------------------------------------------------------------------
 
 // POST a body; the parsed answer, or an Error whose message is the server's own error text.
-async function post(url, body, type = "application/json") {
-  const reply = await fetch(url, { method: "POST", headers: { "Content-Type": type }, body });
+async function post(url, body, type = "application/json", headers = {}) {
+  const reply = await fetch(url, { method: "POST", headers: { "Content-Type": type, ...headers }, body });
   const text = await reply.text();
   let answer;
   try { answer = JSON.parse(text); } catch { answer = null; }
@@ -140,6 +140,102 @@ async function post(url, body, type = "application/json") {
 
 function infer(t, name, shape, data) {
   return post(t.endpoint, JSON.stringify({ inputs: [{ name, shape, datatype: "FP32", data }] }));
+}
+
+// One file as a BYTES input, in Triton's binary tensor data extension: the JSON header, then the file after its
+// 4-byte little-endian length. Binary, not base64 in JSON, so that a photo larger than a JSON body may be is sent.
+async function inferFile(t, file) {
+  const length = new Uint8Array(4);
+  new DataView(length.buffer).setUint32(0, file.size, true);
+  const header = new TextEncoder().encode(JSON.stringify({ inputs: [{ name: t.input, shape: [1], datatype: "BYTES",
+    parameters: { binary_data_size: 4 + file.size } }] }));
+  return post(t.endpoint, new Blob([header, length, file]), "application/octet-stream",
+              { "Inference-Header-Content-Length": String(header.length) });
+}
+
+// --- what the server does to a file (serve/images.py), for the preview --------------------------------------
+
+// Pillow's bilinear resize of 8-bit pixels (its Resample.c: weights over every source pixel a target pixel covers,
+// in 22-bit fixed point, rows first), so that the preview shows the pixels the model receives, not the browser's.
+const PRECISION_BITS = 22;
+
+function coefficients(inSize, outSize) {
+  const scale = inSize / outSize, filterscale = Math.max(scale, 1), support = filterscale, ss = 1 / filterscale;
+  const out = [];
+  for (let xx = 0; xx < outSize; xx++) {
+    const center = (xx + 0.5) * scale;
+    const xmin = Math.max(Math.trunc(center - support + 0.5), 0);
+    const xmax = Math.min(Math.trunc(center + support + 0.5), inSize);
+    const k = [];
+    for (let x = xmin; x < xmax; x++) k.push(Math.max(0, 1 - Math.abs((x - center + 0.5) * ss)));
+    const total = k.reduce((a, b) => a + b, 0);
+    out.push({ xmin, k: k.map((w) => Math.trunc(0.5 + (total ? w / total : w) * 2 ** PRECISION_BITS)) });
+  }
+  return out;
+}
+
+// One pass along one axis: `pixels` (rows x cols x channels, Uint8ClampedArray) -> the axis resized to `size`.
+function pass(pixels, rows, cols, channels, size, alongRows) {
+  const [inSize, other] = alongRows ? [rows, cols] : [cols, rows];
+  const out = new Uint8ClampedArray(size * other * channels);
+  const at = (i, j) => (alongRows ? i * cols + j : j * cols + i) * channels;  // i along the axis, j across it
+  const outAt = (i, j) => (alongRows ? i * other + j : j * size + i) * channels;
+  for (const [i, { xmin, k }] of coefficients(inSize, size).entries()) {
+    for (let j = 0; j < other; j++) {
+      for (let c = 0; c < channels; c++) {
+        let sum = 2 ** (PRECISION_BITS - 1);
+        for (let x = 0; x < k.length; x++) sum += pixels[at(xmin + x, j) + c] * k[x];
+        out[outAt(i, j) + c] = Math.floor(sum / 2 ** PRECISION_BITS);  // clamped to 0..255 by the array
+      }
+    }
+  }
+  return out;
+}
+
+// A file as the server decodes it: the EXIF orientation applied, no colour management, alpha dropped, Pillow's "L"
+// (ITU-R 601-2 luma) for one channel, resized bilinear. (A transparent pixel's colour is lost in a canvas, so
+// there the preview may differ.) Pixels width x height x channels, 0..255.
+async function decoded(file, channels, width, height) {
+  const bitmap = await createImageBitmap(file, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+  const canvas = el("canvas", { width: bitmap.width, height: bitmap.height });
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(bitmap, 0, 0);
+  const rgba = ctx.getImageData(0, 0, bitmap.width, bitmap.height).data;
+  let pixels = new Uint8ClampedArray(bitmap.width * bitmap.height * channels);
+  for (let i = 0, o = 0; i < rgba.length; i += 4) {
+    if (channels === 1) pixels[o++] = (rgba[i] * 19595 + rgba[i + 1] * 38470 + rgba[i + 2] * 7471 + 0x8000) >> 16;
+    else { pixels[o++] = rgba[i]; pixels[o++] = rgba[i + 1]; pixels[o++] = rgba[i + 2]; }
+  }
+  if (bitmap.width !== width) pixels = pass(pixels, bitmap.height, bitmap.width, channels, width, false);
+  if (bitmap.height !== height) pixels = pass(pixels, bitmap.height, width, channels, height, true);
+  return pixels;
+}
+
+function draw(canvas, pixels, channels) {
+  const image = canvas.getContext("2d").createImageData(canvas.width, canvas.height);
+  for (let i = 0, o = 0; o < image.data.length; o += 4) {
+    const [r, g, b] = channels === 1 ? [pixels[i], pixels[i], pixels[i]] : [pixels[i], pixels[i + 1], pixels[i + 2]];
+    i += channels;
+    image.data.set([r, g, b, 255], o);
+  }
+  canvas.getContext("2d").putImageData(image, 0, 0);
+}
+
+// A file picker for an image input: the file goes to the server as it is; `seen` previews what the model receives.
+function filePicker(t, seen, channels, answered) {
+  const file = el("input", { type: "file", accept: "image/png,image/jpeg", "aria-label": "a PNG or JPEG image" });
+  file.addEventListener("change", async () => {
+    if (!file.files.length) return;
+    const picked = file.files[0];
+    file.value = "";  // so that choosing the same file again sends it again
+    try {
+      draw(seen, await decoded(picked, channels, t.width, t.height), channels);
+    } catch {
+      seen.getContext("2d").clearRect(0, 0, t.width, t.height);  // not an image the browser reads: the server says why
+    }
+    await answered(inferFile(t, picked));
+  });
+  return el("label", { class: "controls" }, `or send a PNG or JPEG (resized to ${t.width}×${t.height}): `, file);
 }
 
 function showError(out, e) {
@@ -230,21 +326,28 @@ const TRY = {
     const parts = [el("div", { class: "pad-row" }, pad, el("div", { class: "seen-box" },
       el("p", { class: "note", text: `what the model receives (${t.width}×${t.height})` }), small)),
       el("div", { class: "controls" }, el("label", {}, "brush ", brush), clear), out];
-    if (t.png) {
-      const file = el("input", { type: "file", accept: "image/png", "aria-label": "a PNG image" });
-      file.addEventListener("change", async () => {
-        if (!file.files.length) return;
-        const png = file.files[0];
-        file.value = "";  // so that choosing the same file again sends it again
-        try {
-          const answer = await post(t.png, png, "image/png");
-          bars(out, answer.probabilities, m.contract.classes);
-        } catch (e) { showError(out, e); }
-      });
-      parts.splice(2, 0, el("label", { class: "controls" }, `or send a ${t.width}×${t.height} PNG to ${t.png}: `,
-                                     file));
+    if (t.files) {
+      parts.splice(2, 0, filePicker(t, small, 1, async (reply) => {
+        try { bars(out, softmax((await reply).outputs[0].data), m.contract.classes); } catch (e) { showError(out, e); }
+      }));
     }
     return el("div", {}, ...parts);
+  },
+
+  // Any other image model: a PNG or JPEG file, and what the model receives.
+  image(m, t) {
+    const seen = el("canvas", { class: "seen", width: t.width, height: t.height });
+    const out = el("div", { class: "result", "aria-live": "polite" });
+    const picker = filePicker(t, seen, t.channels, async (reply) => {
+      try {
+        const answer = await reply;
+        if (t.classification) bars(out, softmax(answer.outputs.find((o) => o.name === t.target).data),
+                                   m.contract.classes);
+        else outputs(out, answer);
+      } catch (e) { showError(out, e); }
+    });
+    return el("div", {}, picker, el("div", { class: "seen-box" },
+      el("p", { class: "note", text: `what the model receives (${t.width}×${t.height})` }), seen), out);
   },
 
   // The product regressor, through the typed /predict (which also says when it extrapolates).
