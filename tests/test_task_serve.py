@@ -57,7 +57,11 @@ def test_user_task_is_served_over_v2_with_end_to_end_parity(served, name):
     task = tasks[name]
     x = task.data(t2d.DataOptions()).test[0][:37].numpy()  # raw units, as a client has them
     meta = server.expect(server.get(f"/v2/models/{task.name}"), 200)
-    assert meta["inputs"] == [{"name": task.input.name, "datatype": "FP32", "shape": [-1, *task.input.shape]}]
+    want = {"name": task.input.name, "datatype": "FP32", "shape": [-1, *task.input.shape]}
+    if name == "IMG":  # an image input with a range also takes PNG and JPEG files, and says how it reads them
+        want["parameters"] = {"encoded_image": "png,jpeg", "image_mode": "L", "image_size": "8x8",
+                              "image_resize": "bilinear", "image_range": "0,1"}
+    assert meta["inputs"] == [want]
     assert meta["outputs"] == [{"name": task.output.name, "datatype": "FP32", "shape": [-1, task.output.size]}]
     answer = server.expect(infer(server, task.name, task.input.name, x), 200)
     (out,) = answer["outputs"]
