@@ -26,6 +26,7 @@ def test_config_parses(path):
     assert resume is None and cfg.run.epochs >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "mnist" in p.name], ids=lambda p: p.name)
 def test_image_config_trains_and_its_checkpoint_rebuilds(path, image_dir, tmp_path, capsys):
     cfg, _ = parse_args(["--config", str(path)])

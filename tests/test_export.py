@@ -149,6 +149,7 @@ sys.exit(export_main.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_corrupted_onnx_fails_parity_and_is_not_registered(runs, tmp_path):
     """`export.main.main` with registration on and the ONNX file corrupted between writing and parity.
     Export and the store listing each run in a fresh process with BENTOML_HOME set before bentoml is

@@ -92,6 +92,7 @@ def image_args(runs):
 # --- the gate passes good models, in-process and fast ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_int8_static_classifier_passes_and_writes_its_numbers(runs, tmp_path, capsys):
     out = tmp_path / "export"
     assert main(["--checkpoint", str(runs / "cnn" / "best.pt"), "--out", str(out), "--no-register", *QUICK,
@@ -385,6 +386,7 @@ FRAGILE_LAYER = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["product", "cnn"])
 def test_fallback_keeps_exactly_the_fragile_layer_in_float(runs, tmp_path, arch):
     """A model whose one layer int8 cannot hold passes once that layer stays float32, and the selection keeps that
@@ -449,6 +451,7 @@ def test_selection_reads_the_training_split_only(user_task, tmp_path):
     assert {s for s, _ in user_task.ACCESS} == {"train"}
 
 
+@pytest.mark.slow
 def test_vnni_format_is_opt_in_and_recorded(runs, tmp_path):
     """portable (7-bit weights) by default; --int8-format vnni keeps full int8 weights and says it needs VNNI.
     quantization.json names the CPU and the latency of both models on it."""

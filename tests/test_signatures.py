@@ -491,6 +491,7 @@ def test_language_id_without_the_word_lists_stops_with_one_line_naming_the_packa
     assert f"in {tmp_path}: apt-get install wamerican wfrench wngerman wspanish witalian wportuguese wdutch" in line
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/share/dict/french").is_file(), reason="Debian's word lists are not installed")
 def test_language_id_words_are_unambiguous_balanced_and_split_the_same_every_run():
     from examples.language_id import LISTS, labelled_words, read_lists
