@@ -1,6 +1,6 @@
 """Time one CNN training step in each memory format and with torch.compile, on this CPU.
 
-    python bench/train_step.py [--threads 2] [--steps 40] [--compile]
+    python bench/train_step.py [--threads 2] [--steps 40] [--batch 128] [--compile]
 
 The network is the shipped Fashion-MNIST recipe's (configs/fashion_mnist_cnn.yaml: models.CNN at
 [24, 48, 96], AdamW, batch 128) on 1x28x28 images, and the same network on 3x32x32 images, where the
@@ -29,7 +29,8 @@ from t2d.cpu import describe  # noqa: E402
 RECIPE = CNNConfig(channels=[24, 48, 96], pool_first=True, convs_per_block=[2, 1, 1], hidden=512, dropout=0.2)
 
 
-def step_time(shape: tuple[int, ...], layout: str, steps: int, compiled: bool = False) -> tuple[float, float]:
+def step_time(shape: tuple[int, ...], layout: str, steps: int, compiled: bool = False, batch: int = 128
+              ) -> tuple[float, float]:
     """(median seconds a step, seconds of the first step) for `layout`: contiguous | model (the network's
     weights channels_last, batches as they come) | both (weights and batches channels_last)."""
     torch.manual_seed(0)
@@ -38,7 +39,7 @@ def step_time(shape: tuple[int, ...], layout: str, steps: int, compiled: bool = 
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=8e-3, weight_decay=0.1)
     run = torch.compile(net) if compiled else net
-    x, y = torch.randn(128, *shape), torch.randint(0, 10, (128,))
+    x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
     if layout == "both":
         x = x.contiguous(memory_format=torch.channels_last)
     net.train()
@@ -56,17 +57,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=128, help="images a step (default: 128, the recipe's)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (tens of seconds to warm up)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"CPU: {describe()}; torch {torch.__version__}; {args.threads} threads; batch 128; median of {args.steps}")
+    print(f"CPU: {describe()}; torch {torch.__version__}; {args.threads} threads; batch {args.batch}; "
+          f"median of {args.steps}")
     for shape in ((1, 28, 28), (3, 32, 32)):
-        ref, _ = step_time(shape, "contiguous", args.steps)
+        ref, _ = step_time(shape, "contiguous", args.steps, batch=args.batch)
         rows = [("contiguous (reference)", ref, None)]
         for layout in ("model", "both"):
-            rows.append((f"channels_last: {layout}", step_time(shape, layout, args.steps)[0], None))
+            rows.append((f"channels_last: {layout}", step_time(shape, layout, args.steps, batch=args.batch)[0], None))
         if args.compile:
-            t, first = step_time(shape, "both", args.steps, compiled=True)
+            t, first = step_time(shape, "both", args.steps, compiled=True, batch=args.batch)
             rows.append(("channels_last: both + torch.compile", t, first))
         print(f"\n{'x'.join(map(str, shape))} images")
         for name, t, first in rows:
