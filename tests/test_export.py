@@ -352,8 +352,8 @@ def test_channels_last_and_compile_change_neither_the_checkpoint_nor_the_export(
     through torch.compile against eager. Same checkpoint and export formats, parity for each."""
     images = runs / "idx"
     contiguous = train(["--task", "fashion-mnist", "--data-dir", str(images), "--data.download", "false",
-                        "--data.val_size", "50", "--epochs", "1", "--model.arch", "cnn", "--model.channels", "[4, 8, 8]",
-                        "--run.channels_last", "off"], tmp_path / "cnn")
+                        "--data.val_size", "50", "--epochs", "1", "--model.arch", "cnn",
+                        "--model.channels", "[4, 8, 8]", "--run.channels_last", "off"], tmp_path / "cnn")
     compiled = train([*PRODUCT, "--epochs", "3", "--run.compile", "true"], tmp_path / "product")
     assert contiguous["channels_last"] is False and compiled["compile"] is True
     assert json.loads((runs / "cnn" / "summary.json").read_text())["channels_last"] is True  # CPU default
