@@ -60,13 +60,13 @@ class RunConfig:
 
     channels_last: str = "auto"
     """auto | on | off: image models train with their weights and batches in torch's channels_last (NHWC)
-    layout, oneDNN's fast path. auto = on for image tasks on CPU, where a CNN step took 0.6x the time
-    (bench/train_step.py, BENCHMARKS.md), and off on CUDA and MPS, where it was not measured. Checkpoints
-    and exports are the same either way."""
+    layout, oneDNN's fast path. auto = on for image tasks on CPU, where it measured faster
+    (bench/train_step.py; BENCHMARKS.md has the figures), and off on CUDA and MPS, where it was not
+    measured. Checkpoints and exports are the same either way."""
     compile: bool = False
-    """Train through torch.compile: its first step compiles for tens of seconds, and on the CPUs measured
-    (bench/train_step.py) a compiled CNN step was slower than an eager one in channels_last, so it is
-    off by default; try it for long runs on a GPU. Only the training steps are compiled: validation,
+    """Train through torch.compile. Off by default: its first step compiles for a long while, and on the
+    CPUs measured (bench/train_step.py, BENCHMARKS.md) a compiled CNN step was slower than an eager one in
+    channels_last; try it for long runs on a GPU. Only the training steps are compiled: validation,
     checkpoints and the export use the eager module, unchanged."""
 
     def check(self):
