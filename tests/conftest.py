@@ -22,6 +22,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+import zygote  # noqa: E402
 
 import models  # noqa: E402
 import t2d  # noqa: E402
@@ -118,11 +119,10 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 def cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m train ARGS` in a fresh process, run from `cwd` (not the repository)."""
+    """`python -m train ARGS` in a process of its own (forked from the zygote), run from `cwd` (not the repository)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1"}  # as torch.set_num_threads(1) above
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return zygote.run(["-m", "train", *args], cwd, env, timeout)
 
 
 # A user's 3-class task whose splits record every sample read; FORBID_TEST = True makes any read of

@@ -5,6 +5,7 @@ The tiny models are trained and exported once per pytest session (`exported`); e
 copies that pristine store (`copy_store`) and registers whatever extra entries it needs in its copy.
 """
 
+import fcntl
 import http.client
 import json
 import os
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import PRODUCT, REPO, train, write_image_set
+import zygote
 from PIL import Image
 
 # --- processes ---------------------------------------------------------------------------------
@@ -33,9 +36,14 @@ def env_for(home: Path, **extra: str) -> dict:
     return env
 
 
-def python(code: str, home: Path, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env_for(home, **env),
-                          capture_output=True, text=True, timeout=timeout)
+def python(code: str, home: Path, *args: str, timeout: float = 120, fresh: bool = False,
+           **env: str) -> subprocess.CompletedProcess:
+    """`python -c CODE ARGS` with the store at `home`; `fresh`: a new interpreter, not a fork of the zygote, whose
+    modules (torch among them) are already imported."""
+    if fresh:
+        return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env_for(home, **env),
+                              capture_output=True, text=True, timeout=timeout)
+    return zygote.run(["-c", code, *args], REPO, env_for(home, **env), timeout)
 
 
 def traffic(**limits) -> dict[str, str]:
@@ -210,7 +218,7 @@ def image_with(value) -> dict:
 
 @dataclass
 class Exported:
-    home: Path  # a BENTOML_HOME holding exactly the two exports; copy it before adding entries
+    home: Path  # a BENTOML_HOME holding exactly the two exports, read by every xdist worker: copy it to add entries
     root: Path  # the training runs: ROOT/TASK/best.pt
     tags: dict[str, str]  # task -> tag registered by `python -m export`
 
@@ -220,34 +228,47 @@ _exported: Exported | None = None
 
 def exported(tmp_path_factory) -> Exported:
     """Tiny product and fashion-mnist models, trained here and exported and registered by `python -m export`
-    into a fresh store; once per session, shared by the serving test modules."""
+    into a fresh store; once per test run, shared by the serving test modules. Under pytest-xdist the first
+    worker to ask builds it in the run's common folder while the others wait on a lock, then all read it."""
     global _exported
-    if _exported is not None:
-        return _exported
-    root = tmp_path_factory.mktemp("exported")
+    if _exported is None:
+        base = tmp_path_factory.getbasetemp()
+        common = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: pytest-N/popen-gwK
+        root = common / "exported"
+        with open(common / "exported.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (root / "tags.json").is_file():
+                shutil.rmtree(root, ignore_errors=True)  # what a worker whose build failed left
+                (root / "tags.json").parent.mkdir()
+                tags = _build_exported(root)
+                (root / "tags.json").write_text(json.dumps(tags))
+            _exported = Exported(root / "bentoml", root, json.loads((root / "tags.json").read_text()))
+    return _exported
+
+
+def _build_exported(root: Path) -> dict[str, str]:
     home = root / "bentoml"
 
-    def export(task: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "export", "--format", "all", "--checkpoint",
-                                 str(root / task / "best.pt"), "--out", str(root / task / "export")],
-                                cwd=REPO, env=env_for(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def export(task: str) -> subprocess.CompletedProcess:
+        return zygote.run(["-m", "export", "--format", "all", "--checkpoint", str(root / task / "best.pt"),
+                           "--out", str(root / task / "export")], REPO, env_for(home))
 
     # Each export runs in the background while the next model trains here. With the plots, which export
     # copies into the store entry for the page at /ui (tests/test_ui.py).
     plots = ["--log.plots", "true"]
-    train([*PRODUCT, "--epochs", "3", *plots], root / "product")
-    exports = {"product": export("product")}
-    data = write_image_set(root / "idx")
-    train(["--task", "fashion-mnist", "--data-dir", str(data), "--data.download", "false", "--data.val_size", "50",
-           "--data.batch_size", "50", "--epochs", "2", *plots], root / "fashion-mnist")
-    exports["fashion-mnist"] = export("fashion-mnist")
-    tags = {}
-    for task, proc in exports.items():
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"python -m export failed for {task}:\n{out}"
-        tags[task] = f"{task}:{(home / 'models' / task / 'latest').read_text().strip()}"
-    _exported = Exported(home, root, tags)
-    return _exported
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        train([*PRODUCT, "--epochs", "3", *plots], root / "product")
+        exports = {"product": pool.submit(export, "product")}
+        data = write_image_set(root / "idx")
+        train(["--task", "fashion-mnist", "--data-dir", str(data), "--data.download", "false", "--data.val_size",
+               "50", "--data.batch_size", "50", "--epochs", "2", *plots], root / "fashion-mnist")
+        exports["fashion-mnist"] = pool.submit(export, "fashion-mnist")
+        tags = {}
+        for task, job in exports.items():
+            done = job.result()
+            assert done.returncode == 0, f"python -m export failed for {task}:\n{done.stdout}{done.stderr}"
+            tags[task] = f"{task}:{(home / 'models' / task / 'latest').read_text().strip()}"
+    return tags
 
 
 def copy_store(base: Exported, home: Path) -> Path:

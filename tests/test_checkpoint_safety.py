@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PRODUCT, REPO, predictor, train
+import zygote
 
 import t2d
 from models.checkpoint import (FORMAT, CheckpointError, load_checkpoint, remove_stale_temp_files, save_checkpoint,
@@ -221,8 +222,7 @@ def test_export_refuses_the_same_files_with_the_same_line_and_registers_nothing(
     home = tmp_path / "bentoml"
     jobs = [[name, str(broken_file(broken, name)), str(tmp_path / f"export{i}")] for i, name in enumerate(BROKEN)]
     jobs.append(["good", str(good / "best.pt"), str(tmp_path / "export_good")])
-    done = subprocess.run([sys.executable, "-c", EXPORT_ALL, json.dumps(jobs)], env={**ENV, "BENTOML_HOME": str(home)},
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = zygote.run(["-c", EXPORT_ALL, json.dumps(jobs)], tmp_path, {**ENV, "BENTOML_HOME": str(home)})
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.splitlines()[-1])
     for name, path, out in jobs[:-1]:
@@ -410,9 +410,8 @@ def test_training_killed_at_random_moments_resumes_from_a_complete_checkpoint(tm
         assert last["resume"]["stopper"]["best_epoch"] >= best["epoch"]
         last_epoch = last["epoch"]
     print(f"{mid_save} of 5 kills landed mid-save")
-    done = subprocess.run([sys.executable, "-m", "train", "--resume", str(out / "last.pt"), "--epochs",
-                           str(last_epoch + 2), *FAST], env=ENV, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    done = zygote.run(["-m", "train", "--resume", str(out / "last.pt"), "--epochs", str(last_epoch + 2), *FAST],
+                      tmp_path, ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     assert temp_files(out) == [] and load_checkpoint(out / "last.pt")["epoch"] == last_epoch + 2
 

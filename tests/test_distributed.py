@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zygote
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -57,8 +58,9 @@ def env() -> dict:
 
 def torchrun(args: list[str], cwd: Path, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=2 -m train ARGS` (standalone: a free local port)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    # The launcher forks from the zygote; the two workers it starts are fresh interpreters, as under any torchrun.
+    return zygote.run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train", *args],
+                      cwd, env(), timeout)
 
 
 def train_here(args: list[str]) -> int:

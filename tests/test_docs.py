@@ -11,7 +11,8 @@ A fenced block right after `<!-- run -->` in a page of docs/ (or `<!-- run: NAME
   `--8<-- "FILE"` inside it is the snippet that includes FILE, so the page shows the file itself.
 - `<!-- run: setup -->` is the first command of the README and of Getting started, with
   `<!-- output: setup -->` its output; it runs with fewer epochs and stops at "serving on".
-The README's own-model example is run the same way.
+The README's own-model example is run the same way. A plain `python -m MODULE ARGS` runs forked from the
+suite's zygote (tests/zygote.py): the same module, arguments, folder and environment, less the torch import.
 Not run: commands that need data or machines the suite lacks (MNIST files, GPUs, torchrun across
 nodes) and clients it does not install (datamodel-codegen, openapi-generator). A client file's address
 (127.0.0.1:3000) becomes the session server's, as commands' do.
@@ -34,12 +35,14 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 from serving import Server, copy_store, env_for, exported
+import zygote
 
 DOCS = REPO / "docs"
 BLOCK = re.compile(r"^<!-- (?P<kind>run|output)(?::\s*(?P<name>\S+))? -->\n```(?P<lang>\w*)[^\n]*\n(?P<body>.*?)^```$",
                    re.M | re.S)
 SNIPPET = re.compile(r'^--8<-- "(?P<path>[^"]+)"$', re.M)
 PAGES_RUN = {"getting-started.md", "own-model.md", "serving.md", "signatures.md"}  # the pages whose blocks the tests below run
+SHELL = re.compile(r"[|&;<>$`*?~(){}\\]")  # a command with any of these is the shell's to run
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 
 
@@ -178,8 +181,12 @@ class Session:
             self.server = DocServer([sys.executable, "-m", "bentoml", *argv[1:]], self.port, self.env,
                                     self.folder / "serve.log").wait_ready()
             return
-        proc = subprocess.run(["bash", "-c", self.local(cmd)], cwd=self.folder, env=self.env, capture_output=True,
-                              text=True, timeout=600)
+        argv = shlex.split(self.local(cmd))
+        if argv[:2] == ["python", "-m"] and not SHELL.search(cmd):
+            proc = zygote.run(argv[1:], self.folder, self.env, 600)  # what `python -m` does, without importing torch again
+        else:
+            proc = subprocess.run(["bash", "-c", self.local(cmd)], cwd=self.folder, env=self.env, capture_output=True,
+                                  text=True, timeout=600)
         assert proc.returncode == 0, f"$ {cmd}\nexited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         assert_prints(cmd, expected, self.printed(proc.stdout))
 

@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 from conftest import PRODUCT, REPO, predictor, train, write_image_set
+import zygote
 
 import t2d
 from export.main import main
@@ -42,8 +43,7 @@ def runs(tmp_path_factory):
 
 def export_cli(args, home, timeout=300):
     """`python -m export ARGS` in a fresh process with its own model store."""
-    return subprocess.run([sys.executable, "-m", "export", *args], cwd=REPO, env={**ENV, "BENTOML_HOME": str(home)},
-                          capture_output=True, text=True, timeout=timeout)
+    return zygote.run(["-m", "export", *args], REPO, {**ENV, "BENTOML_HOME": str(home)}, timeout)
 
 
 def store_entries(home) -> list[dict]:
@@ -51,8 +51,8 @@ def store_entries(home) -> list[dict]:
     code = ("import json, bentoml; print(json.dumps([{'tag': str(m.tag), 'labels': m.info.labels, "
             "'metadata': m.info.metadata, 'files': sorted(__import__('os').listdir(m.path))} "
             "for m in bentoml.models.list()]))")
-    out = subprocess.run([sys.executable, "-c", code], env={**ENV, "BENTOML_HOME": str(home)}, capture_output=True,
-                         text=True, timeout=120, check=True)
+    out = zygote.run(["-c", code], REPO, {**ENV, "BENTOML_HOME": str(home)}, 120)
+    assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
 
@@ -156,9 +156,8 @@ def test_corrupted_onnx_fails_parity_and_is_not_registered(runs, tmp_path):
     imported, so the store checked is the one a wrong registration would have written to, whatever
     imported bentoml earlier in this pytest process."""
     home = tmp_path / "bentoml"
-    done = subprocess.run([sys.executable, "-c", CORRUPTED_EXPORT, "--checkpoint", str(runs / "product" / "best.pt"),
-                           "--out", str(tmp_path / "export"), "--format", "onnx"], cwd=REPO,
-                          env={**ENV, "BENTOML_HOME": str(home)}, capture_output=True, text=True, timeout=300)
+    done = zygote.run(["-c", CORRUPTED_EXPORT, "--checkpoint", str(runs / "product" / "best.pt"),
+                       "--out", str(tmp_path / "export"), "--format", "onnx"], REPO, {**ENV, "BENTOML_HOME": str(home)})
     assert done.returncode == 1, done.stderr[-3000:]
     found = re.fullmatch(r"error: parity failed for onnx at batch (\d+): max abs error .* at input (\d+), .*; "
                          r"nothing registered \(details in parity\.json\)\n", done.stderr)
@@ -267,8 +266,7 @@ def test_user_errors_are_one_line(bad_files, capsys, name):
 
 @pytest.mark.slow
 def test_default_checkpoint_missing_from_the_command_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "export"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                          timeout=120)
+    done = zygote.run(["-m", "export"], tmp_path, ENV, 120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == ("error: no checkpoint at runs/product/best.pt: train one with `python -m train` "
                                    "or pass --checkpoint PATH")

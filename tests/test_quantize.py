@@ -9,8 +9,6 @@ cover it rounds every other unit to zero. Registration runs in a subprocess with
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -18,6 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import PRODUCT, REPO, one_error_line, predictor, train, write_image_set
+import zygote
 
 import t2d
 from export.main import main
@@ -72,16 +71,15 @@ FRAGILE = {"product": outlier_product_unit, "cnn": outlier_cnn_channel}
 
 
 def export_cli(args, home, timeout=300):
-    return subprocess.run([sys.executable, "-m", "export", *args], cwd=REPO, env={**ENV, "BENTOML_HOME": str(home)},
-                          capture_output=True, text=True, timeout=timeout)
+    return zygote.run(["-m", "export", *args], REPO, {**ENV, "BENTOML_HOME": str(home)}, timeout)
 
 
 def store_entries(home) -> list[dict]:
     code = ("import json, os, bentoml; print(json.dumps([{'tag': str(m.tag), 'labels': m.info.labels, "
             "'metadata': m.info.metadata, 'path': m.path, 'files': sorted(os.listdir(m.path))} "
             "for m in bentoml.models.list()]))")
-    out = subprocess.run([sys.executable, "-c", code], env={**ENV, "BENTOML_HOME": str(home)}, capture_output=True,
-                         text=True, timeout=120, check=True)
+    out = zygote.run(["-c", code], REPO, {**ENV, "BENTOML_HOME": str(home)}, 120)
+    assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
 

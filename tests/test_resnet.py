@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
@@ -21,6 +20,7 @@ import pytest
 from conftest import REPO, train
 from PIL import Image
 from serving import Server, env_for, softmax
+import zygote
 
 TESTS = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
@@ -32,9 +32,9 @@ def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("resnet")
     train(["--task", "resnet_task:RESNET", "--run.max_batches", "2"], root / "run")
     env = {**env_for(root / "bentoml"), "PYTHONPATH": f"{REPO}:{TESTS}"}
-    done = subprocess.run([sys.executable, "-m", "export", "--task", "resnet_task:RESNET", "--format", "onnx",
-                           "--checkpoint", str(root / "run" / "best.pt"), "--out", str(root / "export"),
-                           "--batch-sizes", "1,3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = zygote.run(["-m", "export", "--task", "resnet_task:RESNET", "--format", "onnx",
+                       "--checkpoint", str(root / "run" / "best.pt"), "--out", str(root / "export"),
+                       "--batch-sizes", "1,3"], REPO, env, 600)
     assert done.returncode == 0, done.stderr[-3000:]
     return root
 

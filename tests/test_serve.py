@@ -364,7 +364,7 @@ def test_service_imports_neither_torch_nor_training_code(store):
             "errors = [load_slot(slot)[1] for slot in SLOTS.values()]\n"
             "assert errors == [None, None], errors\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'train', 'models', 'export'}))")
-    got = python(code, store.home, **pins(store))
+    got = python(code, store.home, fresh=True, **pins(store))
     assert got.returncode == 0, got.stderr
     assert got.stdout.strip().splitlines()[-1] == "[]"
 

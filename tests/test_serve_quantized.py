@@ -7,13 +7,12 @@ At load the server runs each variant on its stored self-check rows and refuses o
 import io
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from serving import REPO, Server, copy_store, entry_folder, env_for, exported
+import zygote
 
 from t2d import selfcheck
 from t2d.cpu import cpu_info, describe
@@ -29,9 +28,9 @@ def store(tmp_path_factory):
     out = home.parent / "export-int8"
     # The tiny model's 100 test images make one image a whole point: the bound is loose on purpose,
     # the gate's own tests are in test_quantize.py.
-    run = subprocess.run([sys.executable, "-m", "export", "--quantize", "int8", "--max-accuracy-drop", "20",
-                          "--checkpoint", str(base.root / "fashion-mnist" / "best.pt"), "--out", str(out)],
-                         cwd=REPO, env=env_for(home), capture_output=True, text=True, timeout=600)
+    run = zygote.run(["-m", "export", "--quantize", "int8", "--max-accuracy-drop", "20",
+                      "--checkpoint", str(base.root / "fashion-mnist" / "best.pt"), "--out", str(out)],
+                     REPO, env_for(home), 600)
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads((out / "quantization.json").read_text())
     entries = sorted((p for p in (home / "models" / "fashion-mnist").iterdir() if p.is_dir()),

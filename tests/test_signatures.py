@@ -18,14 +18,14 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import REPO, one_error_line, train
-from serving import Server, entry_folder, env_for
+from serving import Server, env_for
 from signature_tasks import CHARS, MAX_LENGTH, TABULAR, WORDS, words
+import zygote
 
-import t2d
 from export.main import main as export_main
 from models.checkpoint import load_checkpoint, predictor_from_checkpoint
 from t2d import DataError, Input, Model, Output, Splits, Task
-from t2d.splits import Features, split_tensors
+from t2d.splits import split_tensors
 
 TESTS = Path(__file__).resolve().parent
 
@@ -210,8 +210,7 @@ def test_group_by_length_trains_a_text_task_and_is_refused_without_sizes_that_va
 
 def export_cli(args: list[str], home: Path, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**env_for(home), "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
-    return subprocess.run([sys.executable, "-m", "export", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return zygote.run(["-m", "export", *args], cwd, env, 600)
 
 
 @pytest.fixture(scope="module")

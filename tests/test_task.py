@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, REPO, cli, one_error_line
+import zygote
 from torch import nn
 
 import export.main
@@ -140,8 +141,7 @@ def export_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`python -m export ARGS` from `cwd`, with a store of its own (nothing here registers)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "BENTOML_HOME": str(cwd / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
-    return subprocess.run([sys.executable, "-m", "export", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return zygote.run(["-m", "export", *args], cwd, env)
 
 
 # --- the real CLI, from the user's folder ----------------------------------------------------------

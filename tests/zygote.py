@@ -1,0 +1,236 @@
+"""`python -m MODULE ARGS` and `python -c CODE ARGS` for the suite, forked from a process that has imported torch.
+
+A fresh interpreter spends about 3 s of CPU importing torch, and 2 s more for torch.onnx and onnxscript, before
+it reads its first argument: most of what the suite's hundred-odd runs of `python -m train` and `python -m export`
+cost. The zygote imports those third-party libraries once, and each run is a fork of it that then does what the
+interpreter does for `-m` and `-c`: the run's working directory, environment, stdin/stdout/stderr, sys.argv and
+sys.path (sys.path[0] and PYTHONPATH as the interpreter sets them), its module or code run as __main__, then the
+interpreter's exit (threads joined, atexit handlers) with the run's exit status: a SystemExit's code, 1 after an
+uncaught exception (its traceback on stderr), -N after signal N. The project's own packages are never imported
+in the zygote, so every run imports train, export, t2d, models and serve afresh, as a user's does.
+
+What a fork cannot give falls back to a real process (`run` decides): a variable the preloaded libraries read
+when imported (threads, allocators, CUDA) that differs from the zygote's, and any interpreter but sys.executable.
+T2D_TEST_FORK=0 runs everything as real processes, to check that the two agree.
+
+    python tests/zygote.py SOCKET    # the zygote itself; `Zygote` starts it
+"""
+
+import atexit
+import json
+import os
+import runpy
+import select
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+from pathlib import Path
+
+# Read by the preloaded libraries when they are imported (or by the interpreter at start): a run that sets one
+# of these differently from the zygote needs a process of its own.
+IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH", "PYTORCH_", "CUDA", "NVIDIA_", "LD_", "MALLOC_",
+                   "PYTHONHASHSEED", "PYTHONHOME", "PYTHONDONTWRITEBYTECODE", "PYTHONWARNINGS", "PYTHONUTF8",
+                   "PYTHONIOENCODING", "PYTHONSAFEPATH", "ORT_", "CUBLAS_", "CUDNN_")
+PRELOAD = ("numpy", "torch", "torch.nn", "torch.optim", "torch.utils.data", "torch.onnx", "onnx", "onnxruntime",
+           "onnxscript", "PIL.Image", "yaml")
+ENV = {"OMP_NUM_THREADS": "1"}  # as every run in the suite (conftest sets torch's threads to 1 too)
+
+
+# --- the zygote ----------------------------------------------------------------------------------------------------
+
+def _run_child(request: dict, fds: list[int], base_path: list[str]) -> None:
+    """In the forked child: become the run the request describes, then exit as the interpreter would."""
+    for target, fd in enumerate(fds):  # stdin, stdout, stderr
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    python_path = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    import numpy as np
+    np.random.seed()  # a fresh interpreter draws numpy's global state from the OS; a fork would share the zygote's
+    # The run's own __main__, as empty as a fresh interpreter's (this file's module stays what this function reads).
+    main = types.ModuleType("__main__")
+    sys.modules["__main__"] = main
+    code = 0
+    try:
+        if request["mode"] == "-m":
+            sys.argv = ["-m", *request["args"]]  # runpy puts the module's file in argv[0], as `python -m` does
+            sys.path[:] = [os.getcwd(), *python_path, *base_path]
+            runpy._run_module_as_main(request["target"], alter_argv=True)
+        else:
+            sys.argv = ["-c", *request["args"]]
+            sys.path[:] = ["", *python_path, *base_path]
+            exec(compile(request["target"], "<string>", "exec"), vars(main))
+    except SystemExit as e:
+        if e.code is None:
+            code = 0
+        elif isinstance(e.code, int):
+            code = e.code
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        kind, error, trace = sys.exc_info()
+        sys.excepthook(kind, error, trace.tb_next)  # the traceback starts in the run's code, not here
+        code = 1
+    # What the interpreter does on its way out: join non-daemon threads, run atexit, flush the streams.
+    try:
+        threading._shutdown()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code & 0xFF)
+
+
+def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+    size = struct.unpack("!I", data[:4])[0]
+    data = data[4:]
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("the request ended early")
+        data += chunk
+    return json.loads(data), list(fds)
+
+
+def serve(path: str) -> None:
+    """Preload, listen on the Unix socket `path`, fork a run for each request; exit when stdin closes."""
+    import importlib
+    for name in PRELOAD:
+        importlib.import_module(name)
+    base_path = [p for p in sys.path[1:] if p not in os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    print("ready", flush=True)
+    waiting: dict[int, socket.socket] = {}  # pid -> the caller's connection, told the exit status when it ends
+    while True:
+        ready, _, _ = select.select([listener, sys.stdin], [], [], 0.02)
+        if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1):
+            return  # the pytest process that started us is gone; runs still going finish on their own
+        if listener in ready:
+            conn, _ = listener.accept()
+            request, fds = _receive(conn)
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                for other in (conn, *waiting.values()):
+                    other.close()
+                _run_child(request, fds, base_path)
+            for fd in fds:
+                os.close(fd)
+            conn.sendall(b"%d\n" % pid)
+            waiting[pid] = conn
+        while waiting:
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            conn = waiting.pop(pid)
+            try:
+                conn.sendall(b"%d %.3f\n" % (os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime))
+            except OSError:
+                pass  # the caller gave up (its timeout) and closed
+            conn.close()
+
+
+# --- the caller's side ---------------------------------------------------------------------------------------------
+
+class Zygote:
+    """One zygote process per pytest process, started on first use."""
+
+    def __init__(self):
+        self.cpu_s = 0.0  # CPU seconds of the runs that ended (theirs and their children's), for profiling the suite
+        self.dir = tempfile.mkdtemp(prefix="t2d-zygote-")
+        self.path = os.path.join(self.dir, "socket")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # our packages stay out of the zygote
+        self.env = {**env, **ENV}
+        self.proc = subprocess.Popen([sys.executable, __file__, self.path], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=self.env, cwd=self.dir)
+        line = self.proc.stdout.readline()
+        if line.strip() != b"ready":
+            raise RuntimeError(f"the test zygote did not start (exit {self.proc.wait()})")
+
+    def forkable(self, env: dict) -> bool:
+        return all(env.get(k) == self.env.get(k) for k in {*env, *self.env} if k.startswith(IMPORT_TIME_ENV))
+
+    def run(self, mode: str, target: str, args: list[str], cwd, env: dict, timeout: float,
+            input_fd: int | None = None) -> subprocess.CompletedProcess:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        stdin = os.open(os.devnull, os.O_RDONLY) if input_fd is None else os.dup(input_fd)
+        request = json.dumps({"mode": mode, "target": target, "args": [str(a) for a in args],
+                              "cwd": str(Path(cwd).resolve()), "env": env}).encode()
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(self.path)
+            socket.send_fds(conn, [struct.pack("!I", len(request)) + request], [stdin, out_w, err_w])
+        finally:
+            for fd in (stdin, out_w, err_w):
+                os.close(fd)
+        reader = conn.makefile("rb")
+        pid = int(reader.readline())
+        deadline = time.monotonic() + timeout
+        chunks = {out_r: [], err_r: []}
+        open_fds = [out_r, err_r]
+        try:
+            while open_fds:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    _kill(pid)
+                    raise subprocess.TimeoutExpired([sys.executable, mode, target, *args], timeout)
+                for fd in select.select(open_fds, [], [], left)[0]:
+                    chunk = os.read(fd, 1 << 16)
+                    if chunk:
+                        chunks[fd].append(chunk)
+                    else:
+                        open_fds.remove(fd)
+            ended = reader.readline().split()
+            if not ended:  # the zygote is gone: nobody will say how the run ended
+                raise RuntimeError(f"the test zygote died while running {mode} {target[:80]}")
+            status, self.cpu_s = int(ended[0]), self.cpu_s + float(ended[1])
+        finally:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            reader.close()
+            conn.close()
+        shown = target if mode == "-m" else "<code>"
+        return subprocess.CompletedProcess([sys.executable, mode, shown, *args], status,
+                                           b"".join(chunks[out_r]).decode(errors="replace"),
+                                           b"".join(chunks[err_r]).decode(errors="replace"))
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+
+
+_zygote: Zygote | None = None
+_start_lock = threading.Lock()
+
+
+def run(argv: list[str], cwd, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)`,
+    where argv is `["-m", MODULE, *args]` or `["-c", CODE, *args]`: forked from the zygote when it can be."""
+    global _zygote
+    env = dict(os.environ if env is None else env)
+    if os.environ.get("T2D_TEST_FORK", "1") != "0" and argv[0] in ("-m", "-c"):
+        with _start_lock:
+            if _zygote is None:
+                _zygote = Zygote()
+        if _zygote.forkable(env):
+            return _zygote.run(argv[0], argv[1], argv[2:], cwd, env, timeout)
+    return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
