@@ -1,8 +1,9 @@
 """Serving throughput and latency: our service against its floor, side by side, with wrk.
 
     python bench/serving.py [--seconds 10] [--rounds 3] [--product runs/product/best.pt] [--classifier runs/fmnist_cnn/best.pt]
+    python bench/serving.py --store ~/bentoml     # the newest product and fashion-mnist models already registered there
 
-Exports the two checkpoints into a temporary model store and starts two `bentoml serve` processes on
+Exports the two checkpoints into a temporary model store (or serves those of --store) and starts two `bentoml serve` processes on
 127.0.0.1: our service (serve.service) and bench/floor_service.py, which does the same work minus the
 model (the same typed models, middleware, limits and answer sizes, a constant for onnxruntime). Then,
 in each round, every endpoint at 1 and 32 connections is loaded with wrk (`apt-get install wrk`) on one
@@ -98,15 +99,18 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of every run on both services (default: 3)")
     p.add_argument("--product", type=Path, default=ROOT / "runs/product/best.pt")
     p.add_argument("--classifier", type=Path, default=ROOT / "runs/fmnist_cnn/best.pt")
+    p.add_argument("--store", type=Path, help="a BentoML home whose newest product and fashion-mnist models to serve, "
+                   "instead of exporting --product and --classifier (default: export them)")
     a = p.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("error: wrk not found; install it (apt-get install wrk)")
     print(f"cpu: {cpu_model()}, {os.cpu_count()} cores; {a.rounds} rounds of {a.seconds} s per run")
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
-        env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+        env = {**os.environ, "BENTOML_HOME": str(a.store or tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
                "PYTHONPATH": str(ROOT)}
-        register([a.product, a.classifier], env, tmp)
+        if a.store is None:
+            register([a.product, a.classifier], env, tmp)
         services = {"ours": ("serve.service:TrainToDeploy", ROOT), "floor": ("floor_service:Floor", ROOT / "bench")}
         started = {name: start(service, cwd, env, tmp / f"{name}.log") for name, (service, cwd) in services.items()}
         results: dict[tuple, list[dict]] = {}

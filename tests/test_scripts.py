@@ -46,9 +46,10 @@ def test_demo_script_serves_and_answers_the_sample_request(base, tmp_path):
     assert log.stat().st_size > 0  # the server's log went where LOG said, not into the repository
 
 
-def test_inference_benchmark_runs_in_a_short_mode(base):
+def test_inference_benchmark_runs_in_a_short_mode(base, tmp_path):
     out = run([sys.executable, "bench/inference.py", "--product", str(base.root / "product" / "best.pt"),
-               "--classifier", str(base.root / "fashion-mnist" / "best.pt"), "--seconds", "0.05"], env_for(base.home), 300)
+               "--classifier", str(base.root / "fashion-mnist" / "best.pt"), "--seconds", "0.05"],
+              env_for(copy_store(base, tmp_path / "bentoml")), 300)
     for label in ("product", "classifier"):
         for runtime in ("eager", "torchscript", "onnxruntime"):
             assert re.search(rf"^{label}\s+batch\s+1024\s+{runtime}\s+median", out, re.M), out
@@ -62,9 +63,10 @@ def test_compare_benchmark_runs_ours_against_the_reference(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (.ci/run installs it)")
-def test_serving_benchmark_runs_in_a_short_mode(base):
-    out = run([sys.executable, "bench/serving.py", "--seconds", "1", "--rounds", "1", "--product", str(base.root / "product" / "best.pt"),
-               "--classifier", str(base.root / "fashion-mnist" / "best.pt")], env_for(base.home), 300)
+def test_serving_benchmark_runs_in_a_short_mode(base, tmp_path):
+    home = copy_store(base, tmp_path / "bentoml")  # the suite's exports, served as they are
+    out = run([sys.executable, "bench/serving.py", "--seconds", "1", "--rounds", "1", "--store", str(home)],
+              env_for(home), 300)
     assert "ours / floor requests/s, per round" in out, out
     runs = re.findall(r"^round 1 (?:ours|floor) .* non-2xx (\d+)", out, re.M)
     assert len(runs) == 20 and set(runs) == {"0"}, out  # a side that answers errors measures nothing
@@ -76,17 +78,20 @@ def test_serving_benchmark_runs_in_a_short_mode(base):
 
 def test_cnn_selection_tunes_on_validation_and_scores_the_test_set_only_in_final(tmp_path):
     images = write_image_set(tmp_path / "images")
-    short = ["--train-args", "--data-dir", str(images), "--data.val_size", "60", "--data.batch_size", "32", "--run.epochs", "2", "--device", "cpu"]
-    tune = run([sys.executable, "bench/select_cnn.py", "tune", "--only", "shipped", "skip0.4-e9", "--seeds", "0", "1",
+    short = ["--train-args", "--data-dir", str(images), "--data.val_size", "60", "--data.batch_size", "32",
+             "--run.epochs", "1", "--log.plots", "false", "--device", "cpu"]
+    tune = run([sys.executable, "bench/select_cnn.py", "tune", "--only", "shipped", "skip0.4-e9", "--seeds", "0",
                 "--out", str(tmp_path / "runs"), *short], env_for(tmp_path / "bentoml"), 600)
     rows = [json.loads(line) for line in tune.splitlines() if line.startswith("{")]
-    assert [(r["name"], r["seed"]) for r in rows] == [("shipped", 0), ("shipped", 1), ("skip0.4-e9", 0), ("skip0.4-e9", 1)]
+    assert [(r["name"], r["seed"]) for r in rows] == [("shipped", 0), ("skip0.4-e9", 0)]
     assert all("test_acc" not in r and 0 <= r["val_acc"] <= 100 for r in rows), rows
     for r in rows:  # no tuning run was scored on the test set
-        assert json.loads((tmp_path / "runs" / f"{r['name']}-seed{r['seed']}" / "summary.json").read_text())["test"] is None
+        summary = json.loads((tmp_path / "runs" / f"{r['name']}-seed{r['seed']}" / "summary.json").read_text())
+        assert summary["test"] is None
     assert re.search(r"^== skip0\.4-e9: val accuracy [\d.]+ ± [\d.]+%, train [\d.]+ ± [\d.]+ s$", tune, re.M), tune
     final = run([sys.executable, "bench/select_cnn.py", "final", "shipped", "--seeds", "10", "11",
                  "--out", str(tmp_path / "runs"), *short], env_for(tmp_path / "bentoml"), 600)
     scored = [json.loads(line) for line in final.splitlines() if line.startswith("{")]
     assert [r["seed"] for r in scored] == [10, 11] and all(0 <= r["test_acc"] <= 100 for r in scored), scored
-    assert re.search(r"^== shipped on seeds \[10, 11\]: test accuracy [\d.]+ ± [\d.]+% \(min [\d.]+\)", final, re.M), final
+    pattern = r"^== shipped on seeds \[10, 11\]: test accuracy [\d.]+ ± [\d.]+% \(min [\d.]+\)"
+    assert re.search(pattern, final, re.M), final
