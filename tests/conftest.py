@@ -173,3 +173,23 @@ def user_task(tmp_path, monkeypatch):
 
     yield recorded_task
     sys.modules.pop("recorded_task", None)
+
+
+# pytest-xdist (`--dist loadfile`) hands each worker whole modules, by default the modules with the most
+# tests first, which left the five long tests of test_scripts.py to run alone at the end. Longest-running
+# first instead (measured CPU seconds a module, most first; the rest keep their order after these), so the
+# two workers finish together.
+LONGEST_FIRST = ["test_quantize.py", "test_reference.py", "test_serve_reliability.py", "test_docs.py",
+                 "test_scripts.py", "test_distributed.py", "test_export.py", "test_checkpoint_safety.py",
+                 "test_signatures.py", "test_ui.py", "test_openapi.py", "test_serve_v2.py", "test_resnet.py",
+                 "test_serve_quantized.py", "test_serve.py", "test_task.py", "test_task_serve.py"]
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False  # xdist: keep the order below
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's own order is kept

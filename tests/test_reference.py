@@ -10,11 +10,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from conftest import REPO
+import zygote
 
 pytestmark = pytest.mark.slow
 
@@ -24,27 +25,23 @@ needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"no {SHARED} besi
 CLOCKS = re.compile(r"\b(train_s|s_per_epoch)=[\d.]+")
 
 
-def start(script: Path, *args: str) -> subprocess.Popen:
-    # One thread: the same arithmetic in every run, whatever the machine.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(script), *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def result(proc: subprocess.Popen) -> str:
+def run(script: Path, *args: str) -> str:
     """The run's last output line, with its clocks blanked out."""
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, f"{' '.join(proc.args)} exited {proc.returncode}:\n{err[-3000:]}"
-    return CLOCKS.sub(r"\1=<clock>", out.strip().splitlines()[-1])
+    # One thread (torch sizes its MKL pool from it too): the same arithmetic in every run, whatever the machine.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = zygote.run([str(script), *args], REPO, env, 600)
+    assert proc.returncode == 0, f"{' '.join(proc.args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return CLOCKS.sub(r"\1=<clock>", proc.stdout.strip().splitlines()[-1])
 
 
 @needs_shared
 def test_product_reference_prints_what_the_shared_one_does():
     # Side by side, with ours on another seed: the seed, ours' one addition, must reach the draws, or
     # "the same seed" would mean nothing.
-    runs = [start(OURS / "product_reference.py"), start(SHARED / "product_reference.py"),
-            start(OURS / "product_reference.py", "--seed", "2")]
-    ours, shared, other_seed = (result(proc) for proc in runs)
+    with ThreadPoolExecutor(3) as pool:
+        runs = [pool.submit(run, OURS / "product_reference.py"), pool.submit(run, SHARED / "product_reference.py"),
+                pool.submit(run, OURS / "product_reference.py", "--seed", "2")]
+        ours, shared, other_seed = (job.result() for job in runs)
     assert re.fullmatch(r"train_s=<clock> test_mae=[\d.]+ test_mean_rel_err=[\d.]+% max_abs_err=[\d.]+", ours), ours
     assert ours == shared
     assert other_seed != ours
@@ -57,7 +54,7 @@ def test_product_reference_prints_what_the_shared_one_does():
 def test_mnist_reference_prints_what_the_shared_one_does():
     # One epoch: the same draws decide it as for five. One after the other: the shared script unpacks the
     # IDX files where ours does, and not atomically, so a run beside it could read half a file.
-    ours = result(start(OURS / "mnist_reference.py", "1"))
-    shared = result(start(SHARED / "mnist_reference.py", "1"))
+    ours = run(OURS / "mnist_reference.py", "1")
+    shared = run(SHARED / "mnist_reference.py", "1")
     assert re.fullmatch(r"epochs=1 train_s=<clock> s_per_epoch=<clock> test_acc=[\d.]+%", ours), ours
     assert ours == shared

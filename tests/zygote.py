@@ -1,17 +1,17 @@
-"""`python -m MODULE ARGS` and `python -c CODE ARGS` for the suite, forked from a process that has imported torch.
+"""`python -m MODULE ARGS`, `python -c CODE ARGS` and `python SCRIPT ARGS` for the suite, forked from a process that
+has imported torch.
 
 A fresh interpreter spends about 3 s of CPU importing torch, and 2 s more for torch.onnx and onnxscript, before
 it reads its first argument: most of what the suite's hundred-odd runs of `python -m train` and `python -m export`
 cost. The zygote imports those third-party libraries once, and each run is a fork of it that then does what the
-interpreter does for `-m` and `-c`: the run's working directory, environment, stdin/stdout/stderr, sys.argv and
-sys.path (sys.path[0] and PYTHONPATH as the interpreter sets them), its module or code run as __main__, then the
-interpreter's exit (threads joined, atexit handlers) with the run's exit status: a SystemExit's code, 1 after an
-uncaught exception (its traceback on stderr), -N after signal N. The project's own packages are never imported
-in the zygote, so every run imports train, export, t2d, models and serve afresh, as a user's does.
+interpreter does for `-m`, `-c` and a script: the run's working directory, environment, stdin/stdout/stderr,
+sys.argv and sys.path (sys.path[0] and PYTHONPATH as the interpreter sets them), its module, code or file run as
+__main__, then the interpreter's exit (threads joined, atexit handlers) with the run's exit status: a SystemExit's
+code, 1 after an uncaught exception (its traceback on stderr), -N after signal N. The project's own packages are
+never imported in the zygote, so every run imports train, export, t2d, models and serve afresh, as a user's does.
 
 What a fork cannot give falls back to a real process (`run` decides): a variable the preloaded libraries read
-when imported (threads, allocators, CUDA) that differs from the zygote's, and any interpreter but sys.executable.
-T2D_TEST_FORK=0 runs everything as real processes, to check that the two agree.
+when imported (threads, allocators, CUDA) that differs from the zygote's. T2D_TEST_FORK=0 runs everything as real processes, to check that the two agree.
 
     python tests/zygote.py SOCKET    # the zygote itself; `Zygote` starts it
 """
@@ -63,6 +63,10 @@ def _run_child(request: dict, fds: list[int], base_path: list[str]) -> None:
             sys.argv = ["-m", *request["args"]]  # runpy puts the module's file in argv[0], as `python -m` does
             sys.path[:] = [os.getcwd(), *python_path, *base_path]
             runpy._run_module_as_main(request["target"], alter_argv=True)
+        elif request["mode"] == "script":
+            sys.argv = [request["target"], *request["args"]]
+            sys.path[:] = [os.path.dirname(os.path.abspath(request["target"])), *python_path, *base_path]
+            runpy.run_path(request["target"], run_name="__main__")
         else:
             sys.argv = ["-c", *request["args"]]
             sys.path[:] = ["", *python_path, *base_path]
@@ -185,7 +189,7 @@ class Zygote:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     _kill(pid)
-                    raise subprocess.TimeoutExpired([sys.executable, mode, target, *args], timeout)
+                    raise subprocess.TimeoutExpired([sys.executable, mode, target[:80], *args], timeout)
                 for fd in select.select(open_fds, [], [], left)[0]:
                     chunk = os.read(fd, 1 << 16)
                     if chunk:
@@ -201,8 +205,8 @@ class Zygote:
                 os.close(fd)
             reader.close()
             conn.close()
-        shown = target if mode == "-m" else "<code>"
-        return subprocess.CompletedProcess([sys.executable, mode, shown, *args], status,
+        shown = {"-m": [mode, target], "-c": [mode, "<code>"], "script": [target]}[mode]
+        return subprocess.CompletedProcess([sys.executable, *shown, *args], status,
                                            b"".join(chunks[out_r]).decode(errors="replace"),
                                            b"".join(chunks[err_r]).decode(errors="replace"))
 
@@ -220,15 +224,18 @@ _start_lock = threading.Lock()
 
 def run(argv: list[str], cwd, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)`,
-    where argv is `["-m", MODULE, *args]` or `["-c", CODE, *args]`: forked from the zygote when it can be."""
+    where argv is `["-m", MODULE, *args]`, `["-c", CODE, *args]` or `[SCRIPT, *args]`: forked from the zygote when it
+    can be."""
     global _zygote
     env = dict(os.environ if env is None else env)
-    if os.environ.get("T2D_TEST_FORK", "1") != "0" and argv[0] in ("-m", "-c"):
+    if os.environ.get("T2D_TEST_FORK", "1") != "0":
         with _start_lock:
             if _zygote is None:
                 _zygote = Zygote()
         if _zygote.forkable(env):
-            return _zygote.run(argv[0], argv[1], argv[2:], cwd, env, timeout)
+            if argv[0] in ("-m", "-c"):
+                return _zygote.run(argv[0], argv[1], argv[2:], cwd, env, timeout)
+            return _zygote.run("script", str(argv[0]), argv[1:], cwd, env, timeout)
     return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
