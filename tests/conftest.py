@@ -185,11 +185,26 @@ LONGEST_FIRST = ["test_quantize.py", "test_reference.py", "test_serve_reliabilit
                  "test_serve_quantized.py", "test_serve.py", "test_task.py", "test_task_serve.py"]
 
 
+def by_module(config) -> bool:
+    """Whether xdist hands out whole modules (the README's command); other runs keep pytest's order, which under
+    plain `-n auto` splits fewer modules' shared fixtures across the workers. A worker's own options say "no
+    distribution", so the controller tells it (pytest_configure_node)."""
+    if hasattr(config, "workerinput"):
+        return config.workerinput.get("t2d_by_module", False)
+    return getattr(config.option, "dist", "no") == "loadfile"
+
+
 def pytest_configure(config):
-    if hasattr(config.option, "loadscopereorder"):
-        config.option.loadscopereorder = False  # xdist: keep the order below
+    if by_module(config):
+        config.option.loadscopereorder = False  # keep the order below
 
 
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's own order is kept
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    node.workerinput["t2d_by_module"] = by_module(node.config)
+
+
+def pytest_collection_modifyitems(config, items):
+    if by_module(config):
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's own order is kept
