@@ -119,7 +119,11 @@ def serve(path: str) -> None:
     while True:
         ready, _, _ = select.select([listener, sys.stdin], [], [], 0.02)
         if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1):
-            return  # the pytest process that started us is gone; runs still going finish on their own
+            # The pytest process that started us is gone; runs still going finish on their own.
+            listener.close()
+            os.unlink(path)
+            os.rmdir(os.path.dirname(path))  # the folder `Zygote` made for the socket
+            return
         if listener in ready:
             conn, _ = listener.accept()
             request, fds = _receive(conn)
