@@ -11,7 +11,8 @@ code, 1 after an uncaught exception (its traceback on stderr), -N after signal N
 never imported in the zygote, so every run imports train, export, t2d, models and serve afresh, as a user's does.
 
 What a fork cannot give falls back to a real process (`run` decides): a variable the preloaded libraries read
-when imported (threads, allocators, CUDA) that differs from the zygote's. T2D_TEST_FORK=0 runs everything as real processes, to check that the two agree.
+when imported (threads, allocators, CUDA) that differs from the zygote's. T2D_TEST_FORK=0 runs everything as real
+processes, to check that the two agree.
 
     python tests/zygote.py SOCKET    # the zygote itself; `Zygote` starts it
 """
