@@ -42,7 +42,7 @@ def runs(tmp_path_factory):
 
 
 def export_cli(args, home, timeout=300):
-    """`python -m export ARGS` in a fresh process with its own model store."""
+    """`python -m export ARGS` in a process of its own (forked from the zygote) with its own model store."""
     return zygote.run(["-m", "export", *args], REPO, {**ENV, "BENTOML_HOME": str(home)}, timeout)
 
 

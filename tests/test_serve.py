@@ -35,8 +35,8 @@ import t2d
 from models.checkpoint import load_checkpoint, predictor_from_checkpoint
 from serve.limits import MAX_BODY_BYTES, MAX_ROWS
 
-# Nearly every test here talks to a `bentoml serve` process (about 20 s to start, with the store it
-# serves): the fast tier (-m "not slow") leaves the module out.
+# Nearly every test here talks to a `bentoml serve` process, and the module first trains and exports the
+# store it serves: the fast tier (-m "not slow") leaves the module out.
 pytestmark = pytest.mark.slow
 
 TRAIN_RANGE = (1.0, 10.0)  # [low, high) of X1 and X2 in training; outside it is "extrapolated"

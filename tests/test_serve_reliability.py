@@ -32,8 +32,8 @@ from serving import (Server, copy_store, entry_folder, exported, image_with, pin
 
 from serve.limits import MAX_BODY_BYTES, MAX_CONCURRENCY, TIMEOUT_S
 
-# Every test here talks to a `bentoml serve` process (about 20 s to start, with the store it serves): the fast
-# tier (-m "not slow") leaves the module out.
+# Every test here talks to a `bentoml serve` process, and the module first trains and exports the store it
+# serves: the fast tier (-m "not slow") leaves the module out.
 pytestmark = pytest.mark.slow
 
 JSON = "application/json"

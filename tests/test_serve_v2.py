@@ -29,8 +29,8 @@ from serving import Server, copy_store, entry_folder, exported, python, softmax,
 
 from serve.limits import MAX_BODY_BYTES, MAX_ROWS
 
-# Nearly every test here talks to a `bentoml serve` process (about 20 s to start, with the store it
-# serves): the fast tier (-m "not slow") leaves the module out.
+# Nearly every test here talks to a `bentoml serve` process, and the module first trains and exports the
+# store it serves: the fast tier (-m "not slow") leaves the module out.
 pytestmark = pytest.mark.slow
 
 JSON = "application/json"

@@ -111,7 +111,7 @@ def serve(path: str) -> None:
     import importlib
     for name in PRELOAD:
         importlib.import_module(name)
-    base_path = [p for p in sys.path[1:] if p not in os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    base_path = sys.path[1:]  # the interpreter's own entries: `Zygote` starts us without PYTHONPATH
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
