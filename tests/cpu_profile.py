@@ -6,7 +6,8 @@ The suite is CPU-bound on 2 cores, so its wall time is about its CPU seconds ove
 cost most are the ones to make cheaper. Each test's CPU is this process's, plus its waited-for children's
 (bentoml serve once stopped, torchrun, chromium's driver), plus the runs forked from tests/zygote.py, which
 report their own. A module's shared fixtures count in the test that first asks for them. At the end each
-process prints its modules, most CPU first, and the wall-clock span it ran them in.
+process prints its modules, most CPU first, and the wall-clock span it ran them in; then its ten costliest forked
+runs, and every run that could not be forked (and so paid a fresh interpreter's imports), with the reason.
 """
 
 import resource
@@ -45,5 +46,12 @@ def pytest_unconfigure(config):
     for module, seconds in sorted(_cpu.items(), key=lambda kv: -kv[1]):
         start, end = _span[module]
         lines.append(f"  {seconds:7.1f} s CPU  {start - first:6.0f}-{end - first:.0f} s  {module}")
+    zygote = sys.modules.get("zygote")
+    if zygote is not None and zygote._zygote is not None:
+        lines.append("  the costliest runs forked from the zygote:")
+        lines += [f"  {seconds:7.1f} s CPU  {command[:150]}" for seconds, command in sorted(zygote._zygote.runs)[:-11:-1]]
+    if zygote is not None and zygote.fallbacks:  # each one pays a fresh interpreter's imports
+        lines.append(f"  {len(zygote.fallbacks)} runs not forked (the variables that differ from the zygote's):")
+        lines += [f"    {command[:120]}  {why}" for command, why in zygote.fallbacks]
     # A worker's stdout is not shown by xdist; stderr reaches the terminal.
     print("\n".join(lines), file=sys.stderr, flush=True)

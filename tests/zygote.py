@@ -3,8 +3,10 @@ has imported torch.
 
 A fresh interpreter spends about 3 s of CPU importing torch, and 2 s more for torch.onnx and onnxscript, before
 it reads its first argument: most of what the suite's hundred-odd runs of `python -m train` and `python -m export`
-cost. The zygote imports those third-party libraries once, and each run is a fork of it that then does what the
-interpreter does for `-m`, `-c` and a script: the run's working directory, environment, stdin/stdout/stderr,
+cost, with 2 s more for the first optimizer (torch._dynamo) and the first ONNX export (torch.export, onnxscript's
+op registry) of each process. The zygote imports those third-party libraries (bentoml too) once, pays those
+first-use costs once on a toy module, and each run is a fork of it that then does what the interpreter does for
+`-m`, `-c` and a script: the run's working directory, environment, stdin/stdout/stderr,
 sys.argv and sys.path (sys.path[0] and PYTHONPATH as the interpreter sets them), its module, code or file run as
 __main__, then the interpreter's exit (threads joined, atexit handlers) with the run's exit status: a SystemExit's
 code, 1 after an uncaught exception (its traceback on stderr), -N after signal N. The project's own packages are
@@ -36,9 +38,15 @@ from pathlib import Path
 # of these differently from the zygote needs a process of its own.
 IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH", "PYTORCH_", "CUDA", "NVIDIA_", "LD_", "MALLOC_",
                    "PYTHONHASHSEED", "PYTHONHOME", "PYTHONDONTWRITEBYTECODE", "PYTHONWARNINGS", "PYTHONUTF8",
-                   "PYTHONIOENCODING", "PYTHONSAFEPATH", "ORT_", "CUBLAS_", "CUDNN_")
+                   "PYTHONIOENCODING", "PYTHONSAFEPATH", "ORT_", "CUBLAS_", "CUDNN_",
+                   # bentoml's configuration is loaded at import; BENTOML_HOME and BENTOML_DO_NOT_TRACK are read at
+                   # first use, which is never in the zygote, so each run's own store and setting hold.
+                   "BENTOML_CONFIG", "BENTOML_DEBUG", "BENTOML_QUIET", "BENTOML_VERBOSITY")
+# Matching the prefixes above but read at use, and written into os.environ by torch itself when first used (by
+# torch.compile, in the pytest process): whether a test's env was copied before or after that must not matter.
+SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)
 PRELOAD = ("numpy", "torch", "torch.nn", "torch.optim", "torch.utils.data", "torch.onnx", "onnx", "onnxruntime",
-           "onnxscript", "PIL.Image", "yaml")
+           "onnxscript", "PIL.Image", "yaml", "bentoml", "bentoml.models")
 ENV = {"OMP_NUM_THREADS": "1"}  # as every run in the suite (conftest sets torch's threads to 1 too)
 
 
@@ -106,11 +114,28 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(data), list(fds)
 
 
+def _warm_up() -> None:
+    """What every run of `python -m train` or `python -m export` pays first, paid once here: building an optimizer
+    imports torch._dynamo, and the first ONNX export of a process imports torch.export and builds onnxscript's
+    registry of torch ops (about 2 s of CPU each time). A throwaway export of a toy module, kept in memory."""
+    import warnings
+
+    import torch
+    toy = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8, 1))
+    # Silenced and forgotten: a warning shown here would be "already shown" in every run forked from us.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.optim.AdamW(toy.parameters())
+        torch.onnx.export(toy.eval(), (torch.zeros(2, 1, 4, 4),), dynamo=True, verbose=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
 def serve(path: str) -> None:
     """Preload, listen on the Unix socket `path`, fork a run for each request; exit when stdin closes."""
     import importlib
     for name in PRELOAD:
         importlib.import_module(name)
+    _warm_up()
     base_path = sys.path[1:]  # the interpreter's own entries: `Zygote` starts us without PYTHONPATH
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -156,7 +181,10 @@ class Zygote:
     """One zygote process per pytest process, started on first use."""
 
     def __init__(self):
-        self.cpu_s = 0.0  # CPU seconds of the runs that ended (theirs and their children's), for profiling the suite
+        # For profiling the suite (tests/cpu_profile.py): CPU seconds of the runs that ended (theirs and their
+        # children's), in all and each with its command line.
+        self.cpu_s = 0.0
+        self.runs: list[tuple[float, str]] = []
         self.dir = tempfile.mkdtemp(prefix="t2d-zygote-")
         self.path = os.path.join(self.dir, "socket")
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # our packages stay out of the zygote
@@ -167,8 +195,13 @@ class Zygote:
         if line.strip() != b"ready":
             raise RuntimeError(f"the test zygote did not start (exit {self.proc.wait()})")
 
+    def differences(self, env: dict) -> list[str]:
+        """The import-time variables that `env` sets differently from the zygote."""
+        return sorted(k for k in {*env, *self.env}
+                      if k.startswith(IMPORT_TIME_ENV) and k not in SET_BY_TORCH and env.get(k) != self.env.get(k))
+
     def forkable(self, env: dict) -> bool:
-        return all(env.get(k) == self.env.get(k) for k in {*env, *self.env} if k.startswith(IMPORT_TIME_ENV))
+        return not self.differences(env)
 
     def run(self, mode: str, target: str, args: list[str], cwd, env: dict, timeout: float,
             input_fd: int | None = None) -> subprocess.CompletedProcess:
@@ -205,6 +238,7 @@ class Zygote:
             if not ended:  # the zygote is gone: nobody will say how the run ended
                 raise RuntimeError(f"the test zygote died while running {mode} {target[:80]}")
             status, self.cpu_s = int(ended[0]), self.cpu_s + float(ended[1])
+            self.runs.append((float(ended[1]), " ".join([mode, target.splitlines()[0][:60], *args])))
         finally:
             for fd in (out_r, err_r):
                 os.close(fd)
@@ -224,6 +258,7 @@ def _kill(pid: int) -> None:
 
 
 _zygote: Zygote | None = None
+fallbacks: list[tuple[str, list[str]]] = []  # the runs that needed a process of their own, and why
 _start_lock = threading.Lock()
 
 
@@ -241,6 +276,7 @@ def run(argv: list[str], cwd, env: dict | None = None, timeout: float = 300) -> 
             if argv[0] in ("-m", "-c"):
                 return _zygote.run(argv[0], argv[1], argv[2:], cwd, env, timeout)
             return _zygote.run("script", str(argv[0]), argv[1:], cwd, env, timeout)
+        fallbacks.append((" ".join(map(str, argv))[:200], _zygote.differences(env)))
     return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
