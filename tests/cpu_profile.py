@@ -6,8 +6,9 @@ The suite is CPU-bound on 2 cores, so its wall time is about its CPU seconds ove
 cost most are the ones to make cheaper. Each test's CPU is this process's, plus its waited-for children's
 (bentoml serve once stopped, torchrun, chromium's driver), plus the runs forked from tests/zygote.py, which
 report their own. A module's shared fixtures count in the test that first asks for them. At the end each
-process prints its modules, most CPU first, and the wall-clock span it ran them in; then its ten costliest forked
-runs, and every run that could not be forked (and so paid a fresh interpreter's imports), with the reason.
+process prints its modules, most CPU first, and the wall-clock span it ran them in; its 15 costliest tests; its ten
+costliest forked runs; and every run that could not be forked (and so paid a fresh interpreter's imports), with the
+reason.
 """
 
 import resource
@@ -18,6 +19,7 @@ from collections import defaultdict
 import pytest
 
 _cpu: dict[str, float] = defaultdict(float)
+_tests: dict[str, float] = {}
 _span: dict[str, list[float]] = {}
 
 
@@ -33,7 +35,8 @@ def pytest_runtest_protocol(item, nextitem):
     start_cpu, start = _cpu_now(), time.monotonic()
     yield
     module = item.nodeid.split("::")[0]
-    _cpu[module] += _cpu_now() - start_cpu
+    _tests[item.nodeid] = _cpu_now() - start_cpu
+    _cpu[module] += _tests[item.nodeid]
     _span.setdefault(module, [start, start])[1] = time.monotonic()
 
 
@@ -46,6 +49,8 @@ def pytest_unconfigure(config):
     for module, seconds in sorted(_cpu.items(), key=lambda kv: -kv[1]):
         start, end = _span[module]
         lines.append(f"  {seconds:7.1f} s CPU  {start - first:6.0f}-{end - first:.0f} s  {module}")
+    lines.append("  the costliest tests (with the shared fixtures they were first to ask for):")
+    lines += [f"  {seconds:7.1f} s CPU  {test[:150]}" for test, seconds in sorted(_tests.items(), key=lambda kv: -kv[1])[:15]]
     zygote = sys.modules.get("zygote")
     if zygote is not None and zygote._zygote is not None:
         lines.append("  the costliest runs forked from the zygote:")
