@@ -6,7 +6,8 @@ What is checked: a 2-process run ends where the 1-process run ends (REL_TOL), on
 checkpoints move between 1 and 2 processes both ways, k-fold under torchrun, a NaN stops the run
 without touching best.pt or last.pt, an error on one rank ends the job instead of hanging it, and
 CPU refuses half precision. One-process runs train in this process (`train.main.main`); every
-2-process run is `python -m torch.distributed.run --standalone --nproc_per_node=2 -m train`.
+2-process run is `python -m torch.distributed.run --standalone --nproc_per_node=2 -m train`, its launcher and
+workers forked from tests/zygote.py but for the test of a rank's error.
 """
 
 import json
@@ -56,11 +57,17 @@ def env() -> dict:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
-def torchrun(args: list[str], cwd: Path, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], cwd: Path, timeout: float = TIMEOUT, fork_workers: bool = True
+             ) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=2 -m train ARGS` (standalone: a free local port)."""
-    # The launcher forks from the zygote; the two workers it starts are fresh interpreters, as under any torchrun.
-    return zygote.run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train", *args],
-                      cwd, env(), timeout)
+    # The launcher forks from the zygote, and so do the two workers it starts (`--no-python` and a small stand-in
+    # process for each, which torchrun watches and signals as it would the worker: see zygote.worker), unless the
+    # test is about how the workers' processes end.
+    run_env = env()
+    workers = zygote.torchrun_workers(run_env) if fork_workers else None
+    launch = ["--no-python", *workers] if workers else []
+    return zygote.run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launch, "-m", "train",
+                       *args], cwd, run_env, timeout)
 
 
 def train_here(args: list[str]) -> int:
@@ -307,7 +314,9 @@ def test_error_on_one_rank_ends_the_job(tmp_path):
     (A --out that is a file no longer gets this far: both ranks refuse it while parsing.)"""
     out = tmp_path / "run"
     (out / "config.yaml").mkdir(parents=True)
-    proc = torchrun([*PRODUCT, "--epochs", "2", "--out", str(out)], cwd=tmp_path, timeout=120)
+    # Real worker processes: how fast torchrun sees rank 0 end, and stops rank 1 before it reports the lost peer
+    # itself, is what is under test; a stand-in's extra hop changes that race.
+    proc = torchrun([*PRODUCT, "--epochs", "2", "--out", str(out)], cwd=tmp_path, timeout=120, fork_workers=False)
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert ours and "Is a directory" in ours[0], proc.stderr[-3000:]

@@ -20,6 +20,7 @@ processes, to check that the two agree.
 """
 
 import atexit
+import io
 import json
 import os
 import runpy
@@ -45,9 +46,17 @@ IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH", "PYTORCH_", "CU
 # Matching the prefixes above but read at use, and written into os.environ by torch itself when first used (by
 # torch.compile, in the pytest process): whether a test's env was copied before or after that must not matter.
 SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)
+# What torchrun adds to its workers' environment beyond the rank variables: read by torch.distributed when the
+# process group starts, not at import.
+TORCHRUN_SETS = ("TORCHELASTIC_", "TORCH_NCCL_")
 PRELOAD = ("numpy", "torch", "torch.nn", "torch.optim", "torch.utils.data", "torch.onnx", "onnx", "onnxruntime",
            "onnxscript", "PIL.Image", "yaml", "bentoml", "bentoml.models")
 ENV = {"OMP_NUM_THREADS": "1"}  # as every run in the suite (conftest sets torch's threads to 1 too)
+
+
+def _differences(env: dict, zygote_env: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    return sorted(k for k in {*env, *zygote_env} if k.startswith(IMPORT_TIME_ENV) and not k.startswith(ignore)
+                  and k not in SET_BY_TORCH and env.get(k) != zygote_env.get(k))
 
 
 # --- the zygote ----------------------------------------------------------------------------------------------------
@@ -60,6 +69,10 @@ def _run_child(request: dict, fds: list[int], base_path: list[str]) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    if request.get("unbuffered"):  # as `python -u`, which torchrun runs its workers with
+        sys.stdout = io.TextIOWrapper(open(1, "wb", buffering=0, closefd=False), write_through=True)
+        sys.stderr = io.TextIOWrapper(open(2, "wb", buffering=0, closefd=False), write_through=True,
+                                      errors="backslashreplace")
     python_path = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
     import numpy as np
     np.random.seed()  # a fresh interpreter draws numpy's global state from the OS; a fork would share the zygote's
@@ -137,6 +150,7 @@ def serve(path: str) -> None:
         importlib.import_module(name)
     _warm_up()
     base_path = sys.path[1:]  # the interpreter's own entries: `Zygote` starts us without PYTHONPATH
+    start_env = dict(os.environ)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
@@ -153,6 +167,13 @@ def serve(path: str) -> None:
         if listener in ready:
             conn, _ = listener.accept()
             request, fds = _receive(conn)
+            differ = _differences(request["env"], start_env, ignore=TORCHRUN_SETS) if request.get("check") else []
+            if differ:
+                for fd in fds:
+                    os.close(fd)
+                conn.sendall(b"refused %s\n" % " ".join(differ).encode())
+                conn.close()
+                continue
             pid = os.fork()
             if pid == 0:
                 listener.close()
@@ -197,8 +218,7 @@ class Zygote:
 
     def differences(self, env: dict) -> list[str]:
         """The import-time variables that `env` sets differently from the zygote."""
-        return sorted(k for k in {*env, *self.env}
-                      if k.startswith(IMPORT_TIME_ENV) and k not in SET_BY_TORCH and env.get(k) != self.env.get(k))
+        return _differences(env, self.env)
 
     def forkable(self, env: dict) -> bool:
         return not self.differences(env)
@@ -262,6 +282,19 @@ fallbacks: list[tuple[str, list[str]]] = []  # the runs that needed a process of
 _start_lock = threading.Lock()
 
 
+def torchrun_workers(env: dict) -> list[str] | None:
+    """The arguments after `torchrun ... --no-python` that fork each worker from the zygote, with `env` changed to
+    tell them where it is; None where runs are not forked."""
+    global _zygote
+    if os.environ.get("T2D_TEST_FORK", "1") == "0":
+        return None
+    with _start_lock:
+        if _zygote is None:
+            _zygote = Zygote()
+    env["T2D_ZYGOTE_SOCKET"] = _zygote.path
+    return [sys.executable, __file__, "--worker"]
+
+
 def run(argv: list[str], cwd, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)`,
     where argv is `["-m", MODULE, *args]`, `["-c", CODE, *args]` or `[SCRIPT, *args]`: forked from the zygote when it
@@ -280,5 +313,36 @@ def run(argv: list[str], cwd, env: dict | None = None, timeout: float = 300) -> 
     return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+# --- a torchrun worker ---------------------------------------------------------------------------------------------
+
+def worker() -> None:
+    """`python tests/zygote.py --worker -m MODULE ARGS`, started by `torchrun --no-python` with T2D_ZYGOTE_SOCKET set:
+    the worker's run is forked from that zygote instead of a fresh interpreter importing torch. This process (which
+    imports nothing heavy) stands in for it: its stdin, stdout, stderr and environment (torchrun's rank variables)
+    are the run's, the signals torchrun sends it are passed on, and it exits as the run did. Where the environment
+    differs from the zygote's in an import-time variable, it becomes `python -u -m MODULE ARGS` itself."""
+    import signal
+
+    mode, target, *args = sys.argv[2:]
+    request = json.dumps({"mode": mode, "target": target, "args": args, "cwd": os.getcwd(), "env": dict(os.environ),
+                          "check": True, "unbuffered": True}).encode()
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(os.environ["T2D_ZYGOTE_SOCKET"])
+    socket.send_fds(conn, [struct.pack("!I", len(request)) + request], [0, 1, 2])
+    reader = conn.makefile("rb")
+    first = reader.readline().split()
+    if first[0] == b"refused":
+        os.execv(sys.executable, [sys.executable, "-u", mode, target, *args])
+    pid = int(first[0])
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda number, frame: os.kill(pid, number))
+    ended = reader.readline().split()
+    status = int(ended[0]) if ended else 1
+    if status < 0:  # ended by a signal: end the same way, as torchrun would see the worker itself end
+        signal.signal(-status, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    worker() if sys.argv[1] == "--worker" else serve(sys.argv[1])
