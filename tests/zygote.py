@@ -270,6 +270,78 @@ class Zygote:
                                            b"".join(chunks[err_r]).decode(errors="replace"))
 
 
+class Started:
+    """A run forked from the zygote that goes on while the caller watches it: the part of subprocess.Popen the
+    suite uses (pid, poll, wait, send_signal, stderr as text)."""
+
+    def __init__(self, zygote: "Zygote", conn: socket.socket, pid: int, stderr_r: int):
+        self.pid, self.returncode, self._zygote, self._conn = pid, None, zygote, conn
+        self.stderr = open(stderr_r, errors="replace")
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self._conn], [], [], 0)[0]:
+            self._ended()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if not select.select([self._conn], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            self._ended()
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def _ended(self) -> None:
+        ended = _readline(self._conn).split()
+        self._conn.close()
+        if not ended:
+            raise RuntimeError(f"the test zygote died while running {self.pid}")
+        self.returncode, self._zygote.cpu_s = int(ended[0]), self._zygote.cpu_s + float(ended[1])
+
+
+def _readline(conn: socket.socket) -> bytes:
+    """One line, read a byte at a time: nothing after it is taken from the socket, so select still sees it."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = conn.recv(1)
+        if not byte:
+            break
+        line += byte
+    return line
+
+
+def start(argv: list[str], cwd, env: dict) -> "Started | subprocess.Popen":
+    """`subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=DEVNULL, stderr=PIPE, text=True)`, forked
+    from the zygote when it can be (see `run`)."""
+    global _zygote
+    env = dict(env)
+    if os.environ.get("T2D_TEST_FORK", "1") != "0":
+        with _start_lock:
+            if _zygote is None:
+                _zygote = Zygote()
+        if _zygote.forkable(env):
+            mode, target, args = (argv[0], argv[1], argv[2:]) if argv[0] in ("-m", "-c") else ("script", argv[0], argv[1:])
+            err_r, err_w = os.pipe()
+            out = os.open(os.devnull, os.O_WRONLY)
+            stdin = os.open(os.devnull, os.O_RDONLY)
+            request = json.dumps({"mode": mode, "target": str(target), "args": [str(a) for a in args],
+                                  "cwd": str(Path(cwd).resolve()), "env": env}).encode()
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                conn.connect(_zygote.path)
+                socket.send_fds(conn, [struct.pack("!I", len(request)) + request], [stdin, out, err_w])
+            finally:
+                for fd in (stdin, out, err_w):
+                    os.close(fd)
+            return Started(_zygote, conn, int(_readline(conn)), err_r)
+        fallbacks.append((" ".join(map(str, argv))[:200], _zygote.differences(env)))
+    return subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
 def _kill(pid: int) -> None:
     try:
         os.kill(pid, 9)
