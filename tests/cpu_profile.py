@@ -50,11 +50,13 @@ def pytest_unconfigure(config):
         start, end = _span[module]
         lines.append(f"  {seconds:7.1f} s CPU  {start - first:6.0f}-{end - first:.0f} s  {module}")
     lines.append("  the costliest tests (with the shared fixtures they were first to ask for):")
-    lines += [f"  {seconds:7.1f} s CPU  {test[:150]}" for test, seconds in sorted(_tests.items(), key=lambda kv: -kv[1])[:15]]
+    costliest = sorted(_tests.items(), key=lambda kv: -kv[1])[:15]
+    lines += [f"  {seconds:7.1f} s CPU  {test[:150]}" for test, seconds in costliest]
     zygote = sys.modules.get("zygote")
     if zygote is not None and zygote._zygote is not None:
         lines.append("  the costliest runs forked from the zygote:")
-        lines += [f"  {seconds:7.1f} s CPU  {command[:150]}" for seconds, command in sorted(zygote._zygote.runs)[:-11:-1]]
+        costliest = sorted(zygote._zygote.runs)[:-11:-1]
+        lines += [f"  {seconds:7.1f} s CPU  {command[:150]}" for seconds, command in costliest]
     if zygote is not None and zygote.fallbacks:  # each one pays a fresh interpreter's imports
         lines.append(f"  {len(zygote.fallbacks)} runs not forked (the variables that differ from the zygote's):")
         lines += [f"    {command[:120]}  {why}" for command, why in zygote.fallbacks]

@@ -36,6 +36,26 @@ def env_for(home: Path, **extra: str) -> dict:
     return env
 
 
+def export_cli(args: list, home: Path, cwd: Path = REPO, *, path: tuple = (), timeout: float = 300
+               ) -> subprocess.CompletedProcess:
+    """`python -m export ARGS` from `cwd`, forked from the zygote, registering into the store at `home`; `path`:
+    folders after the repository on PYTHONPATH (where a test's own task module is)."""
+    env = env_for(home)
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], *map(str, path)])
+    return zygote.run(["-m", "export", *map(str, args)], cwd, env, timeout)
+
+
+def store_entries(home: Path) -> list[dict]:
+    """Every model in the store at `home`, as `bentoml models list -o json` reports it: tag, labels, metadata, folder
+    and files."""
+    code = ("import json, os, bentoml; print(json.dumps([{'tag': str(m.tag), 'labels': m.info.labels, "
+            "'metadata': m.info.metadata, 'path': m.path, 'files': sorted(os.listdir(m.path))} "
+            "for m in bentoml.models.list()]))")
+    out = zygote.run(["-c", code], REPO, env_for(home), 120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
 def python(code: str, home: Path, *args: str, timeout: float = 120, fresh: bool = False,
            **env: str) -> subprocess.CompletedProcess:
     """`python -c CODE ARGS` with the store at `home`; `fresh`: a new interpreter, not a fork of the zygote, whose

@@ -393,7 +393,8 @@ def test_training_killed_at_random_moments_resumes_from_a_complete_checkpoint(tm
     for _ in range(5):
         inode = (out / "last.pt").stat().st_ino
         # Forked from the zygote: a process of its own, killed as one, without a fresh interpreter's 5 s of imports.
-        proc = zygote.start(["-m", "train", "--resume", str(out / "last.pt"), "--epochs", "100000", *FAST], tmp_path, ENV)
+        proc = zygote.start(["-m", "train", "--resume", str(out / "last.pt"), "--epochs", "100000", *FAST],
+                            tmp_path, ENV)
         deadline = time.monotonic() + 120
         while (out / "last.pt").stat().st_ino == inode:  # training and saving: the file was replaced
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()

@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 from conftest import PRODUCT, REPO, predictor, train, write_image_set
+from serving import export_cli, store_entries
 import zygote
 
 import t2d
@@ -39,21 +40,6 @@ def runs(tmp_path_factory):
     train([*image_args, "--model.arch", "mlp"], root / "mlp")
     train([*image_args, "--model.arch", "cnn", "--model.channels", "[4, 8, 8]"], root / "cnn")
     return root
-
-
-def export_cli(args, home, timeout=300):
-    """`python -m export ARGS` in a process of its own (forked from the zygote) with its own model store."""
-    return zygote.run(["-m", "export", *args], REPO, {**ENV, "BENTOML_HOME": str(home)}, timeout)
-
-
-def store_entries(home) -> list[dict]:
-    """Every model in the store at `home`, as `bentoml models list -o json` reports it, with its metadata."""
-    code = ("import json, bentoml; print(json.dumps([{'tag': str(m.tag), 'labels': m.info.labels, "
-            "'metadata': m.info.metadata, 'files': sorted(__import__('os').listdir(m.path))} "
-            "for m in bentoml.models.list()]))")
-    out = zygote.run(["-c", code], REPO, {**ENV, "BENTOML_HOME": str(home)}, 120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout)
 
 
 @pytest.mark.parametrize("arch", ["product", "mlp", "cnn"])

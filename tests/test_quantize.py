@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import PRODUCT, REPO, one_error_line, predictor, train, write_image_set
-import zygote
+from serving import export_cli, store_entries
 
 import t2d
 from export.main import main
@@ -68,19 +68,6 @@ def outlier_cnn_channel(sd):
 
 
 FRAGILE = {"product": outlier_product_unit, "cnn": outlier_cnn_channel}
-
-
-def export_cli(args, home, timeout=300):
-    return zygote.run(["-m", "export", *args], REPO, {**ENV, "BENTOML_HOME": str(home)}, timeout)
-
-
-def store_entries(home) -> list[dict]:
-    code = ("import json, os, bentoml; print(json.dumps([{'tag': str(m.tag), 'labels': m.info.labels, "
-            "'metadata': m.info.metadata, 'path': m.path, 'files': sorted(os.listdir(m.path))} "
-            "for m in bentoml.models.list()]))")
-    out = zygote.run(["-c", code], REPO, {**ENV, "BENTOML_HOME": str(home)}, 120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout)
 
 
 def image_args(runs):

@@ -6,9 +6,7 @@ file. The server runs no code of the user's: its PYTHONPATH holds the repository
 """
 
 import json
-import os
 from dataclasses import dataclass
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,10 +15,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import REPO, one_error_line, train
-from serving import Server, env_for
+from conftest import one_error_line, train
+from serving import Server, export_cli
 from signature_tasks import CHARS, MAX_LENGTH, TABULAR, WORDS, words
-import zygote
 
 from export.main import main as export_main
 from models.checkpoint import load_checkpoint, predictor_from_checkpoint
@@ -208,11 +205,6 @@ def test_group_by_length_trains_a_text_task_and_is_refused_without_sizes_that_va
 
 # --- train and export ----------------------------------------------------------------------------------------------
 
-def export_cli(args: list[str], home: Path, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**env_for(home), "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
-    return zygote.run(["-m", "export", *args], cwd, env, 600)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """Both tasks trained (in this process) and exported with registration into ROOT/bentoml; WORDS also as an int8
@@ -222,11 +214,11 @@ def runs(tmp_path_factory) -> Path:
     for name in ("TABULAR", "WORDS"):
         train(["--task", f"signature_tasks:{name}"], root / name)
         done = export_cli(["--task", f"signature_tasks:{name}", "--checkpoint", str(root / name / "best.pt"),
-                           "--out", str(root / name / "export")], root / "bentoml")
+                           "--out", str(root / name / "export")], root / "bentoml", path=[TESTS], timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
     done = export_cli(["--task", "signature_tasks:WORDS", "--checkpoint", str(root / "WORDS" / "best.pt"),
                        "--out", str(root / "WORDS" / "export-int8"), "--format", "onnx", "--quantize", "int8",
-                       "--batch-sizes", "1,7"], root / "bentoml", cwd=root / "user")
+                       "--batch-sizes", "1,7"], root / "bentoml", root / "user", path=[TESTS], timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return root
 

@@ -14,9 +14,7 @@ What is checked:
 
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 import types
 import uuid
@@ -27,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, REPO, cli, one_error_line
-import zygote
+from serving import export_cli
 from torch import nn
 
 import export.main
@@ -137,13 +135,6 @@ def bad_task_refs(m: dict[str, str]) -> dict[str, tuple[str, str]]:
     }
 
 
-def export_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m export ARGS` from `cwd`, with a store of its own (nothing here registers)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "BENTOML_HOME": str(cwd / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
-    return zygote.run(["-m", "export", *args], cwd, env)
-
-
 # --- the real CLI, from the user's folder ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -165,13 +156,14 @@ def user_cli(tmp_path_factory):
         jobs = {
             "resume without --task": pool.submit(cli, [*FAST, "--resume", "runs/reg/last.pt", "--epochs", "5"], home),
             "export reg": pool.submit(export_cli, ["--task", "mytask:REG", "--checkpoint", "runs/reg/best.pt",
-                                                   "--out", "exports/reg", "--no-register"], home),
+                                                   "--out", "exports/reg", "--no-register"], home / "bentoml", home),
             "export without --task": pool.submit(export_cli, ["--checkpoint", "runs/reg/best.pt", "--out",
-                                                              "exports/none", "--no-register"], home),
+                                                              "exports/none", "--no-register"], home / "bentoml", home),
             "export another task": pool.submit(export_cli, ["--task", "mytask:IMG", "--checkpoint", "runs/reg/best.pt",
-                                                            "--out", "exports/other", "--no-register"], home),
+                                                            "--out", "exports/other", "--no-register"],
+                                               home / "bentoml", home),
             "export img": pool.submit(export_cli, ["--task", "mytask:IMG", "--checkpoint", "runs/img/best.pt",
-                                                   "--out", "exports/img", "--no-register"], home),
+                                                   "--out", "exports/img", "--no-register"], home / "bentoml", home),
             **{f"bad {name}": pool.submit(cli, [*FAST, "--task", ref, "--out", "runs/bad"], home)
                for name, (ref, _) in bad_task_refs(write_user_tasks(home)).items()},
         }

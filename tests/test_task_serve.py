@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST, cli
-from serving import Server
-from test_task import export_cli, write_user_tasks
+from serving import Server, export_cli
+from test_task import write_user_tasks
 
 import t2d
 from models.checkpoint import load_checkpoint, predictor_from_checkpoint
@@ -27,7 +27,8 @@ def served(tmp_path_factory):
     for name in ("REG", "IMG"):
         run = cli([*FAST, "--task", f"{module}:{name}", "--out", f"runs/{name}"], home)
         assert run.returncode == 0, run.stderr[-3000:]
-        export = export_cli(["--task", f"{module}:{name}", "--checkpoint", f"runs/{name}/best.pt"], home)
+        export = export_cli(["--task", f"{module}:{name}", "--checkpoint", f"runs/{name}/best.pt"],
+                            home / "bentoml", home)
         assert export.returncode == 0, export.stderr[-3000:]
         assert "registered" in export.stdout
     sys.path.insert(0, str(home))  # the eager reference, in this process, imports the user's module

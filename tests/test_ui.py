@@ -19,8 +19,8 @@ import yaml
 from conftest import FAST, cli
 from PIL import Image
 from playwright.sync_api import sync_playwright
-from serving import Server, copy_store, exported, softmax
-from test_task import export_cli, write_user_tasks
+from serving import Server, copy_store, export_cli, exported, softmax
+from test_task import write_user_tasks
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +39,13 @@ def store(tmp_path_factory) -> Path:
     for name in USER_TASKS:
         run = cli([*FAST, "--log.plots", "true", "--task", f"{module}:{name}", "--out", f"runs/{name}"], home)
         assert run.returncode == 0, run.stderr[-3000:]
-        export = export_cli(["--task", f"{module}:{name}", "--checkpoint", f"runs/{name}/best.pt"], home)
+        export = export_cli(["--task", f"{module}:{name}", "--checkpoint", f"runs/{name}/best.pt"],
+                            home / "bentoml", home)
         assert export.returncode == 0, export.stderr[-3000:]
     # The image task's served entry is an int8 variant with one layer pinned in float32 (a loose bound: the card's
     # facts are under test here, the gate in test_quantize.py).
     export = export_cli(["--task", f"{module}:IMG", "--checkpoint", "runs/IMG/best.pt", "--quantize", "int8",
-                         "--keep-float", "net.fc", "--max-accuracy-drop", "100"], home)
+                         "--keep-float", "net.fc", "--max-accuracy-drop", "100"], home / "bentoml", home)
     assert export.returncode == 0, export.stderr[-3000:]
     return home
 

@@ -323,7 +323,10 @@ def start(argv: list[str], cwd, env: dict) -> "Started | subprocess.Popen":
             if _zygote is None:
                 _zygote = Zygote()
         if _zygote.forkable(env):
-            mode, target, args = (argv[0], argv[1], argv[2:]) if argv[0] in ("-m", "-c") else ("script", argv[0], argv[1:])
+            if argv[0] in ("-m", "-c"):
+                mode, target, args = argv[0], argv[1], argv[2:]
+            else:
+                mode, target, args = "script", argv[0], argv[1:]
             err_r, err_w = os.pipe()
             out = os.open(os.devnull, os.O_WRONLY)
             stdin = os.open(os.devnull, os.O_RDONLY)
