@@ -95,6 +95,9 @@ class EncoderConfig:
     heads: int = 4
     feedforward: int = 256
     dropout: float = 0.1
+    char_dropout: float = 0.0
+    """While training, the share of a word's characters replaced by <unk> (a regularizer: no single letter decides);
+    never at evaluation or in the exported graph."""
 
 
 class WordEncoder(nn.Module):
@@ -104,6 +107,7 @@ class WordEncoder(nn.Module):
 
     def __init__(self, cfg: EncoderConfig, vocab: int, classes: int):
         super().__init__()
+        self.char_dropout = cfg.char_dropout
         self.embed = nn.Embedding(vocab, cfg.width, padding_idx=0)
         self.convs = nn.ModuleList(nn.Conv1d(cfg.width, cfg.width, 3, padding=1) for _ in range(cfg.convs))
         self.position = nn.Parameter(torch.randn(MAX_LENGTH, cfg.width) * 0.02)
@@ -114,6 +118,9 @@ class WordEncoder(nn.Module):
     def forward(self, ids: torch.Tensor, padding: torch.Tensor):
         # (B, L) int64 ids, (B, L) bool, True at padding -> (B, languages) logits, (B, languages) probabilities
         keep = (~padding).unsqueeze(-1).to(self.position.dtype)  # (B, L, 1)
+        if self.training and self.char_dropout > 0:
+            hidden = (torch.rand(ids.shape, device=ids.device) < self.char_dropout) & ~padding
+            ids = ids.masked_fill(hidden, CHARACTERS.unknown)
         h = self.embed(ids)  # (B, L, width)
         for conv in self.convs:  # (B, width, L): a character and its neighbours; padding stays zero
             h = torch.relu(conv(h.transpose(1, 2))).transpose(1, 2) * keep
