@@ -223,20 +223,22 @@ class Zygote:
     def forkable(self, env: dict) -> bool:
         return not self.differences(env)
 
+    def send(self, mode: str, target: str, args: list[str], cwd, env: dict, fds: list[int]) -> socket.socket:
+        """Ask for a run with `fds` as its stdin, stdout and stderr (closed here once sent); the connection on which
+        its pid and then its end are told."""
+        try:
+            return _send(self.path, {"mode": mode, "target": str(target), "args": [str(a) for a in args],
+                                     "cwd": str(Path(cwd).resolve()), "env": env}, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
     def run(self, mode: str, target: str, args: list[str], cwd, env: dict, timeout: float,
             input_fd: int | None = None) -> subprocess.CompletedProcess:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         stdin = os.open(os.devnull, os.O_RDONLY) if input_fd is None else os.dup(input_fd)
-        request = json.dumps({"mode": mode, "target": target, "args": [str(a) for a in args],
-                              "cwd": str(Path(cwd).resolve()), "env": env}).encode()
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            conn.connect(self.path)
-            socket.send_fds(conn, [struct.pack("!I", len(request)) + request], [stdin, out_w, err_w])
-        finally:
-            for fd in (stdin, out_w, err_w):
-                os.close(fd)
+        conn = self.send(mode, target, args, cwd, env, [stdin, out_w, err_w])
         reader = conn.makefile("rb")
         pid = int(reader.readline())
         deadline = time.monotonic() + timeout
@@ -302,6 +304,14 @@ class Started:
         self.returncode, self._zygote.cpu_s = int(ended[0]), self._zygote.cpu_s + float(ended[1])
 
 
+def _send(path: str, request: dict, fds: list[int]) -> socket.socket:
+    data = json.dumps(request).encode()
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(path)
+    socket.send_fds(conn, [struct.pack("!I", len(data)) + data], fds)
+    return conn
+
+
 def _readline(conn: socket.socket) -> bytes:
     """One line, read a byte at a time: nothing after it is taken from the socket, so select still sees it."""
     line = b""
@@ -316,31 +326,13 @@ def _readline(conn: socket.socket) -> bytes:
 def start(argv: list[str], cwd, env: dict) -> "Started | subprocess.Popen":
     """`subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=DEVNULL, stderr=PIPE, text=True)`, forked
     from the zygote when it can be (see `run`)."""
-    global _zygote
     env = dict(env)
-    if os.environ.get("T2D_TEST_FORK", "1") != "0":
-        with _start_lock:
-            if _zygote is None:
-                _zygote = Zygote()
-        if _zygote.forkable(env):
-            if argv[0] in ("-m", "-c"):
-                mode, target, args = argv[0], argv[1], argv[2:]
-            else:
-                mode, target, args = "script", argv[0], argv[1:]
-            err_r, err_w = os.pipe()
-            out = os.open(os.devnull, os.O_WRONLY)
-            stdin = os.open(os.devnull, os.O_RDONLY)
-            request = json.dumps({"mode": mode, "target": str(target), "args": [str(a) for a in args],
-                                  "cwd": str(Path(cwd).resolve()), "env": env}).encode()
-            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                conn.connect(_zygote.path)
-                socket.send_fds(conn, [struct.pack("!I", len(request)) + request], [stdin, out, err_w])
-            finally:
-                for fd in (stdin, out, err_w):
-                    os.close(fd)
-            return Started(_zygote, conn, int(_readline(conn)), err_r)
-        fallbacks.append((" ".join(map(str, argv))[:200], _zygote.differences(env)))
+    zygote = _for(argv, env)
+    if zygote is not None:
+        err_r, err_w = os.pipe()
+        fds = [os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_WRONLY), err_w]
+        conn = zygote.send(*_split(argv), cwd, env, fds)
+        return Started(zygote, conn, int(_readline(conn)), err_r)
     return subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
@@ -357,16 +349,38 @@ fallbacks: list[tuple[str, list[str]]] = []  # the runs that needed a process of
 _start_lock = threading.Lock()
 
 
-def torchrun_workers(env: dict) -> list[str] | None:
-    """The arguments after `torchrun ... --no-python` that fork each worker from the zygote, with `env` changed to
-    tell them where it is; None where runs are not forked."""
+def _started() -> Zygote | None:
+    """This process's zygote, started on first use; None with T2D_TEST_FORK=0."""
     global _zygote
     if os.environ.get("T2D_TEST_FORK", "1") == "0":
         return None
     with _start_lock:
         if _zygote is None:
             _zygote = Zygote()
-    env["T2D_ZYGOTE_SOCKET"] = _zygote.path
+    return _zygote
+
+
+def _for(argv: list[str], env: dict) -> Zygote | None:
+    """The zygote to fork `argv` from with `env`; None where it needs a real process (recorded in `fallbacks`)."""
+    zygote = _started()
+    if zygote is not None and not zygote.forkable(env):
+        fallbacks.append((" ".join(map(str, argv))[:200], zygote.differences(env)))
+        return None
+    return zygote
+
+
+def _split(argv: list[str]) -> tuple[str, str, list[str]]:
+    """["-m", MODULE, *args], ["-c", CODE, *args] or [SCRIPT, *args] -> (mode, target, args)."""
+    return (argv[0], argv[1], argv[2:]) if argv[0] in ("-m", "-c") else ("script", str(argv[0]), argv[1:])
+
+
+def torchrun_workers(env: dict) -> list[str] | None:
+    """The arguments after `torchrun ... --no-python` that fork each worker from the zygote, with `env` changed to
+    tell them where it is; None where runs are not forked."""
+    zygote = _started()
+    if zygote is None:
+        return None
+    env["T2D_ZYGOTE_SOCKET"] = zygote.path
     return [sys.executable, __file__, "--worker"]
 
 
@@ -374,17 +388,10 @@ def run(argv: list[str], cwd, env: dict | None = None, timeout: float = 300) -> 
     """`subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)`,
     where argv is `["-m", MODULE, *args]`, `["-c", CODE, *args]` or `[SCRIPT, *args]`: forked from the zygote when it
     can be."""
-    global _zygote
     env = dict(os.environ if env is None else env)
-    if os.environ.get("T2D_TEST_FORK", "1") != "0":
-        with _start_lock:
-            if _zygote is None:
-                _zygote = Zygote()
-        if _zygote.forkable(env):
-            if argv[0] in ("-m", "-c"):
-                return _zygote.run(argv[0], argv[1], argv[2:], cwd, env, timeout)
-            return _zygote.run("script", str(argv[0]), argv[1:], cwd, env, timeout)
-        fallbacks.append((" ".join(map(str, argv))[:200], _zygote.differences(env)))
+    zygote = _for(argv, env)
+    if zygote is not None:
+        return zygote.run(*_split(argv), cwd, env, timeout)
     return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -399,11 +406,9 @@ def worker() -> None:
     import signal
 
     mode, target, *args = sys.argv[2:]
-    request = json.dumps({"mode": mode, "target": target, "args": args, "cwd": os.getcwd(), "env": dict(os.environ),
-                          "check": True, "unbuffered": True}).encode()
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.connect(os.environ["T2D_ZYGOTE_SOCKET"])
-    socket.send_fds(conn, [struct.pack("!I", len(request)) + request], [0, 1, 2])
+    conn = _send(os.environ["T2D_ZYGOTE_SOCKET"], {"mode": mode, "target": target, "args": args, "cwd": os.getcwd(),
+                                                   "env": dict(os.environ), "check": True, "unbuffered": True},
+                 [0, 1, 2])
     reader = conn.makefile("rb")
     first = reader.readline().split()
     if first[0] == b"refused":
