@@ -96,7 +96,8 @@ class Server:
 
     `bentoml serve` is a circus arbiter: it binds the port, then starts the worker process (its own
     session, so a signal to our process group reaches the arbiter only) that loads the models and
-    answers."""
+    answers. The arbiter is forked from the zygote where it can be (`zygote.start`), which saves its imports;
+    the worker is always a fresh interpreter, as a user's is: the tests watch its memory, imports and restarts."""
 
     def __init__(self, home: Path, log: Path, target: tuple[str, ...] = (), **env: str):
         with socket.socket() as s:
@@ -104,10 +105,9 @@ class Server:
             self.port = s.getsockname()[1]
         self.log_path = log
         with open(log, "w") as f:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", *target, "--host", "127.0.0.1",
-                 "--port", str(self.port)], cwd=REPO, env=env_for(home, **env), stdout=f, stderr=subprocess.STDOUT,
-                start_new_session=True)
+            self.proc = zygote.start(
+                ["-m", "bentoml", "serve", *target, "--host", "127.0.0.1", "--port", str(self.port)], REPO,
+                env_for(home, **env), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, deadline_s: float = 90, path: str = "/readyz") -> "Server":
         """Once `path` answers 200 (`/livez` for a server that is not meant to become ready)."""

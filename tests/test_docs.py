@@ -149,10 +149,10 @@ class DocServer(Server):
     """`bentoml serve` as a page writes it, run from the repository root (Server's waiting, requests and stop)."""
 
     def __init__(self, argv: list[str], port: int, env: dict, log: Path):
+        """argv: `python`'s arguments (`["-m", "bentoml", "serve", ...]`)."""
         self.port, self.log_path = port, log
         with open(log, "w") as f:
-            self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = zygote.start(argv, REPO, env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 class Session:
@@ -178,7 +178,7 @@ class Session:
         if cmd.startswith("bentoml serve ") and cmd.endswith("&"):
             assert self.server is None, "one server a page"
             argv = shlex.split(self.local(cmd[:-1]))
-            self.server = DocServer([sys.executable, "-m", "bentoml", *argv[1:]], self.port, self.env,
+            self.server = DocServer(["-m", "bentoml", *argv[1:]], self.port, self.env,
                                     self.folder / "serve.log").wait_ready()
             return
         argv = shlex.split(self.local(cmd))

@@ -66,6 +66,8 @@ def _run_child(request: dict, fds: list[int], base_path: list[str]) -> None:
     for target, fd in enumerate(fds):  # stdin, stdout, stderr
         os.dup2(fd, target)
         os.close(fd)
+    if request.get("session"):  # as Popen's start_new_session: a signal to the caller's process group misses it
+        os.setsid()
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -73,6 +75,8 @@ def _run_child(request: dict, fds: list[int], base_path: list[str]) -> None:
         sys.stdout = io.TextIOWrapper(open(1, "wb", buffering=0, closefd=False), write_through=True)
         sys.stderr = io.TextIOWrapper(open(2, "wb", buffering=0, closefd=False), write_through=True,
                                       errors="backslashreplace")
+    if request.get("launcher"):  # the run's own `[sys.executable, ...]` children are forked from here too
+        sys.executable = request["launcher"]
     python_path = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
     import numpy as np
     np.random.seed()  # a fresh interpreter draws numpy's global state from the OS; a fork would share the zygote's
@@ -215,6 +219,11 @@ class Zygote:
         line = self.proc.stdout.readline()
         if line.strip() != b"ready":
             raise RuntimeError(f"the test zygote did not start (exit {self.proc.wait()})")
+        # What a run started with `fork_children` finds as sys.executable: `python ARGS` as the stand-in (`worker`).
+        self.launcher = os.path.join(self.dir, "python")
+        with open(self.launcher, "w") as f:
+            f.write(f'#!/bin/sh\nexec "{sys.executable}" "{os.path.abspath(__file__)}" --worker "$@"\n')
+        os.chmod(self.launcher, 0o755)
 
     def differences(self, env: dict) -> list[str]:
         """The import-time variables that `env` sets differently from the zygote."""
@@ -223,22 +232,28 @@ class Zygote:
     def forkable(self, env: dict) -> bool:
         return not self.differences(env)
 
-    def send(self, mode: str, target: str, args: list[str], cwd, env: dict, fds: list[int]) -> socket.socket:
-        """Ask for a run with `fds` as its stdin, stdout and stderr (closed here once sent); the connection on which
+    def send(self, mode: str, target: str, args: list[str], cwd, env: dict, fds: list[int],
+             session: bool = False, fork_children: bool = False) -> socket.socket:
+        """Ask for a run with `fds` as its stdin, stdout and stderr (closed here once sent), in a session of its own
+        with `session`, its `[sys.executable, ...]` children forked too with `fork_children`; the connection on which
         its pid and then its end are told."""
+        request = {"mode": mode, "target": str(target), "args": [str(a) for a in args],
+                   "cwd": str(Path(cwd).resolve()), "env": env, "session": session}
+        if fork_children:
+            request["launcher"] = self.launcher
+            request["env"] = {**env, "T2D_ZYGOTE_SOCKET": self.path}
         try:
-            return _send(self.path, {"mode": mode, "target": str(target), "args": [str(a) for a in args],
-                                     "cwd": str(Path(cwd).resolve()), "env": env}, fds)
+            return _send(self.path, request, fds)
         finally:
             for fd in fds:
                 os.close(fd)
 
     def run(self, mode: str, target: str, args: list[str], cwd, env: dict, timeout: float,
-            input_fd: int | None = None) -> subprocess.CompletedProcess:
+            input_fd: int | None = None, fork_children: bool = False) -> subprocess.CompletedProcess:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         stdin = os.open(os.devnull, os.O_RDONLY) if input_fd is None else os.dup(input_fd)
-        conn = self.send(mode, target, args, cwd, env, [stdin, out_w, err_w])
+        conn = self.send(mode, target, args, cwd, env, [stdin, out_w, err_w], fork_children=fork_children)
         reader = conn.makefile("rb")
         pid = int(reader.readline())
         deadline = time.monotonic() + timeout
@@ -274,11 +289,11 @@ class Zygote:
 
 class Started:
     """A run forked from the zygote that goes on while the caller watches it: the part of subprocess.Popen the
-    suite uses (pid, poll, wait, send_signal, stderr as text)."""
+    suite uses (pid, poll, wait, send_signal, and stderr as text where it was piped)."""
 
-    def __init__(self, zygote: "Zygote", conn: socket.socket, pid: int, stderr_r: int):
+    def __init__(self, zygote: "Zygote", conn: socket.socket, pid: int, stderr_r: int | None):
         self.pid, self.returncode, self._zygote, self._conn = pid, None, zygote, conn
-        self.stderr = open(stderr_r, errors="replace")
+        self.stderr = None if stderr_r is None else open(stderr_r, errors="replace")
 
     def poll(self) -> int | None:
         if self.returncode is None and select.select([self._conn], [], [], 0)[0]:
@@ -302,6 +317,7 @@ class Started:
         if not ended:
             raise RuntimeError(f"the test zygote died while running {self.pid}")
         self.returncode, self._zygote.cpu_s = int(ended[0]), self._zygote.cpu_s + float(ended[1])
+        self._zygote.runs.append((float(ended[1]), f"started {self.pid}"))
 
 
 def _send(path: str, request: dict, fds: list[int]) -> socket.socket:
@@ -323,18 +339,25 @@ def _readline(conn: socket.socket) -> bytes:
     return line
 
 
-def start(argv: list[str], cwd, env: dict) -> "Started | subprocess.Popen":
-    """`subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=DEVNULL, stderr=PIPE, text=True)`, forked
-    from the zygote when it can be (see `run`)."""
+def start(argv: list[str], cwd, env: dict, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+          start_new_session: bool = False) -> "Started | subprocess.Popen":
+    """`subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True,
+    start_new_session=start_new_session)`, forked from the zygote when it can be (see `run`). stdout: DEVNULL or an
+    open file; stderr: PIPE, STDOUT or an open file."""
     env = dict(env)
     zygote = _for(argv, env)
-    if zygote is not None:
-        err_r, err_w = os.pipe()
-        fds = [os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_WRONLY), err_w]
-        conn = zygote.send(*_split(argv), cwd, env, fds)
-        return Started(zygote, conn, int(_readline(conn)), err_r)
-    return subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    if zygote is None:
+        return subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True,
+                                start_new_session=start_new_session)
+    out = os.open(os.devnull, os.O_WRONLY) if stdout == subprocess.DEVNULL else os.dup(stdout.fileno())
+    err_r = None
+    if stderr == subprocess.PIPE:
+        err_r, err = os.pipe()
+    else:
+        err = os.dup(out if stderr == subprocess.STDOUT else stderr.fileno())
+    conn = zygote.send(*_split(argv), cwd, env, [os.open(os.devnull, os.O_RDONLY), out, err],
+                       session=start_new_session)
+    return Started(zygote, conn, int(_readline(conn)), err_r)
 
 
 def _kill(pid: int) -> None:
@@ -384,41 +407,45 @@ def torchrun_workers(env: dict) -> list[str] | None:
     return [sys.executable, __file__, "--worker"]
 
 
-def run(argv: list[str], cwd, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(argv: list[str], cwd, env: dict | None = None, timeout: float = 300,
+        fork_children: bool = False) -> subprocess.CompletedProcess:
     """`subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)`,
     where argv is `["-m", MODULE, *args]`, `["-c", CODE, *args]` or `[SCRIPT, *args]`: forked from the zygote when it
-    can be."""
+    can be. `fork_children`: the run's own `python` children (`[sys.executable, ...]`) are forked as well, each
+    through a stand-in process (`worker`); for a script whose children's imports are not what it measures."""
     env = dict(os.environ if env is None else env)
     zygote = _for(argv, env)
     if zygote is not None:
-        return zygote.run(*_split(argv), cwd, env, timeout)
+        return zygote.run(*_split(argv), cwd, env, timeout, fork_children=fork_children)
     return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-# --- a torchrun worker ---------------------------------------------------------------------------------------------
+# --- a stand-in for a forked run ----------------------------------------------------------------------------------
 
 def worker() -> None:
-    """`python tests/zygote.py --worker -m MODULE ARGS`, started by `torchrun --no-python` with T2D_ZYGOTE_SOCKET set:
-    the worker's run is forked from that zygote instead of a fresh interpreter importing torch. This process (which
-    imports nothing heavy) stands in for it: its stdin, stdout, stderr and environment (torchrun's rank variables)
-    are the run's, the signals torchrun sends it are passed on, and it exits as the run did. Where the environment
-    differs from the zygote's in an import-time variable, it becomes `python -u -m MODULE ARGS` itself."""
+    """`python tests/zygote.py --worker ARGS` (`-m MODULE`, `-c CODE` or `SCRIPT`, then its arguments), started with
+    T2D_ZYGOTE_SOCKET set: by `torchrun --no-python` for each worker, or as sys.executable by a run forked with
+    `fork_children`. The run is forked from that zygote instead of a fresh interpreter importing torch. This process
+    (which imports nothing heavy) stands in for it: its stdin, stdout, stderr and environment (torchrun's rank
+    variables) are the run's, the signals sent to it are passed on, and it exits as the run did. Where the
+    environment differs from the zygote's in an import-time variable, it becomes `python -u ARGS` itself."""
     import signal
 
-    mode, target, *args = sys.argv[2:]
+    argv = sys.argv[2:]
+    mode, target, args = _split(argv)
     conn = _send(os.environ["T2D_ZYGOTE_SOCKET"], {"mode": mode, "target": target, "args": args, "cwd": os.getcwd(),
                                                    "env": dict(os.environ), "check": True, "unbuffered": True},
                  [0, 1, 2])
     reader = conn.makefile("rb")
     first = reader.readline().split()
     if first[0] == b"refused":
-        os.execv(sys.executable, [sys.executable, "-u", mode, target, *args])
+        os.execv(sys.executable, [sys.executable, "-u", *argv])
     pid = int(first[0])
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, lambda number, frame: os.kill(pid, number))
     ended = reader.readline().split()
     status = int(ended[0]) if ended else 1
-    if status < 0:  # ended by a signal: end the same way, as torchrun would see the worker itself end
+    if status < 0:  # ended by a signal: end the same way, as the caller would see the run itself end
         signal.signal(-status, signal.SIG_DFL)
         os.kill(os.getpid(), -status)
     sys.exit(status)
