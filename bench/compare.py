@@ -102,14 +102,17 @@ def main() -> None:
                                      "configs/mnist_mlp.yaml: the reference's own settings)")
     p.add_argument("--baselines", type=Path, default=ROOT / "bench" / "reference",
                    help="folder of the reference scripts (default: bench/reference)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="ours' seed in the first repeat, then one more each repeat (default: 0); seeds not used "
+                        "while tuning give the figures to report")
     p.add_argument("--threads", type=int, help="intra-op threads of both sides (default: 1 for product, whose "
                                                 "tiny MLP gains nothing from more; all cores for fashion-mnist)")
     args = p.parse_args()
     threads = args.threads or (1 if args.task == "product" else os.cpu_count() or 1)
     config = args.config or ("configs/product.yaml" if args.task == "product" else "configs/mnist_mlp.yaml")
     quality = "test MRE %" if args.task == "product" else "test accuracy %"
-    print(f"task {args.task}, ours: {config} with --run.seed = repeat index, {args.repeats} repeats, "
-          f"cpu count {os.cpu_count()}, {threads} threads on both sides (OMP_NUM_THREADS, and ours --run.threads); "
+    print(f"task {args.task}, ours: {config} with --run.seed = {args.first_seed} + repeat index, "
+          f"{args.repeats} repeats, cpu count {os.cpu_count()}, {threads} threads on both sides (OMP_NUM_THREADS, and ours --run.threads); "
           f"quality = {quality}")
     rows = {"reference": [], "ours": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,10 +121,10 @@ def main() -> None:
             for side in order:
                 if args.task == "product":
                     r = reference_product(args.baselines, threads) if side == "reference" else \
-                        ours_product(Path(tmp), config, i, threads)
+                        ours_product(Path(tmp), config, args.first_seed + i, threads)
                 else:
                     r = reference_fmnist(args.baselines, args.epochs, threads) if side == "reference" else \
-                        ours_fmnist(Path(tmp), args.epochs, config, i, threads)
+                        ours_fmnist(Path(tmp), args.epochs, config, args.first_seed + i, threads)
                 rows[side].append(r)
                 print(f"  {side:<9} train_s {r['train_s']:7.2f}  wall_s {r['wall_s']:7.2f}  "
                       f"peak_rss_mib {r['rss_mib']:7.0f}  quality {r['quality']:.3f}", flush=True)
