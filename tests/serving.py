@@ -96,10 +96,12 @@ class Server:
 
     `bentoml serve` is a circus arbiter: it binds the port, then starts the worker process (its own
     session, so a signal to our process group reaches the arbiter only) that loads the models and
-    answers. The arbiter is forked from the zygote where it can be (`zygote.start`), which saves its imports;
-    the worker is always a fresh interpreter, as a user's is: the tests watch its memory, imports and restarts."""
+    answers. Both are forked from the zygote where they can be (`zygote.start`), which saves their imports:
+    circus starts a stand-in for the worker (`zygote.worker`) that it watches and signals as it would the
+    worker. `real_worker`: the worker is a fresh interpreter, for a test that watches the worker process itself
+    (its memory, its end)."""
 
-    def __init__(self, home: Path, log: Path, target: tuple[str, ...] = (), **env: str):
+    def __init__(self, home: Path, log: Path, target: tuple[str, ...] = (), real_worker: bool = False, **env: str):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -107,7 +109,8 @@ class Server:
         with open(log, "w") as f:
             self.proc = zygote.start(
                 ["-m", "bentoml", "serve", *target, "--host", "127.0.0.1", "--port", str(self.port)], REPO,
-                env_for(home, **env), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+                env_for(home, **env), stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                fork_children=not real_worker)
 
     def wait_ready(self, deadline_s: float = 90, path: str = "/readyz") -> "Server":
         """Once `path` answers 200 (`/livez` for a server that is not meant to become ready)."""

@@ -152,7 +152,8 @@ class DocServer(Server):
         """argv: `python`'s arguments (`["-m", "bentoml", "serve", ...]`)."""
         self.port, self.log_path = port, log
         with open(log, "w") as f:
-            self.proc = zygote.start(argv, REPO, env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = zygote.start(argv, REPO, env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                     fork_children=True)
 
 
 class Session:

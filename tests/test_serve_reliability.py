@@ -133,7 +133,7 @@ def store(tmp_path_factory) -> Store:
 @pytest.fixture(scope="module")
 def server(store):
     """The good models, pinned; default limits."""
-    srv = Server(store.home, store.root / "serve.log", **pins(store.tags))
+    srv = Server(store.home, store.root / "serve.log", real_worker=True, **pins(store.tags))  # the load test's RSS
     yield srv.wait_ready()
     srv.stop()
 
@@ -575,7 +575,7 @@ def keep_sending(port: int, body: bytes, expected: dict, until) -> list[Sent]:
 
 @pytest.mark.slow
 def test_sigterm_drains_requests_in_flight_and_kept_alive_clients_then_exits_0(store):
-    srv = Server(store.home, store.root / "serve-sigterm.log", **pins(store.tags))
+    srv = Server(store.home, store.root / "serve-sigterm.log", real_worker=True, **pins(store.tags))
     try:
         srv.wait_ready()
         body = b'{"x1": 3, "x2": 4}'

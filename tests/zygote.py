@@ -20,11 +20,13 @@ processes, to check that the two agree.
 """
 
 import atexit
+import fcntl
 import io
 import json
 import os
 import runpy
 import select
+import shutil
 import socket
 import struct
 import subprocess
@@ -40,9 +42,10 @@ from pathlib import Path
 IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH", "PYTORCH_", "CUDA", "NVIDIA_", "LD_", "MALLOC_",
                    "PYTHONHASHSEED", "PYTHONHOME", "PYTHONDONTWRITEBYTECODE", "PYTHONWARNINGS", "PYTHONUTF8",
                    "PYTHONIOENCODING", "PYTHONSAFEPATH", "ORT_", "CUBLAS_", "CUDNN_",
-                   # bentoml's configuration is loaded at import; BENTOML_HOME and BENTOML_DO_NOT_TRACK are read at
-                   # first use, which is never in the zygote, so each run's own store and setting hold.
-                   "BENTOML_CONFIG", "BENTOML_DEBUG", "BENTOML_QUIET", "BENTOML_VERBOSITY")
+                   # bentoml's configuration is loaded at import; BENTOML_HOME, BENTOML_DO_NOT_TRACK and its
+                   # debug, quiet and verbosity switches are read at first use, which is never in the zygote, so
+                   # each run's own store and settings hold.
+                   "BENTOML_CONFIG")
 # Matching the prefixes above but read at use, and written into os.environ by torch itself when first used (by
 # torch.compile, in the pytest process): whether a test's env was copied before or after that must not matter.
 SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)
@@ -63,9 +66,17 @@ def _differences(env: dict, zygote_env: dict, ignore: tuple[str, ...] = ()) -> l
 
 def _run_child(request: dict, fds: list[int], base_path: list[str]) -> None:
     """In the forked child: become the run the request describes, then exit as the interpreter would."""
-    for target, fd in enumerate(fds):  # stdin, stdout, stderr
+    # The caller's descriptors at the numbers it had them (stdin, stdout, stderr; a stand-in's inherited ones, such
+    # as the listening socket a bentoml worker is told the number of), moved out of the way first so that none is
+    # overwritten before it is placed.
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1024) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    for target, fd in zip(request.get("fd_numbers", (0, 1, 2)), moved):
         os.dup2(fd, target)
         os.close(fd)
+    if request.get("stand_in"):
+        _end_with(request["stand_in"])
     if request.get("session"):  # as Popen's start_new_session: a signal to the caller's process group misses it
         os.setsid()
     os.chdir(request["cwd"])
@@ -119,8 +130,20 @@ def _run_child(request: dict, fds: list[int], base_path: list[str]) -> None:
         os._exit(code & 0xFF)
 
 
+def _end_with(pid: int) -> None:
+    """Be killed when the stand-in `pid` ends: whoever stops a run by its stand-in (circus, torchrun, a test's
+    SIGKILL) must not leave the run itself going."""
+    stand_in = os.pidfd_open(pid)
+
+    def watch() -> None:
+        select.select([stand_in], [], [])
+        os.kill(os.getpid(), 9)
+
+    threading.Thread(target=watch, daemon=True, name="t2d-stand-in-watch").start()
+
+
 def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
-    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 64)
     size = struct.unpack("!I", data[:4])[0]
     data = data[4:]
     while len(data) < size:
@@ -165,8 +188,7 @@ def serve(path: str) -> None:
         if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1):
             # The pytest process that started us is gone; runs still going finish on their own.
             listener.close()
-            os.unlink(path)
-            os.rmdir(os.path.dirname(path))  # the folder `Zygote` made for the socket
+            shutil.rmtree(os.path.dirname(path))  # the folder `Zygote` made for the socket and the launcher
             return
         if listener in ready:
             conn, _ = listener.accept()
@@ -340,10 +362,10 @@ def _readline(conn: socket.socket) -> bytes:
 
 
 def start(argv: list[str], cwd, env: dict, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-          start_new_session: bool = False) -> "Started | subprocess.Popen":
+          start_new_session: bool = False, fork_children: bool = False) -> "Started | subprocess.Popen":
     """`subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True,
-    start_new_session=start_new_session)`, forked from the zygote when it can be (see `run`). stdout: DEVNULL or an
-    open file; stderr: PIPE, STDOUT or an open file."""
+    start_new_session=start_new_session)`, forked from the zygote when it can be (see `run`, and there
+    `fork_children`). stdout: DEVNULL or an open file; stderr: PIPE, STDOUT or an open file."""
     env = dict(env)
     zygote = _for(argv, env)
     if zygote is None:
@@ -356,7 +378,7 @@ def start(argv: list[str], cwd, env: dict, stdout=subprocess.DEVNULL, stderr=sub
     else:
         err = os.dup(out if stderr == subprocess.STDOUT else stderr.fileno())
     conn = zygote.send(*_split(argv), cwd, env, [os.open(os.devnull, os.O_RDONLY), out, err],
-                       session=start_new_session)
+                       session=start_new_session, fork_children=fork_children)
     return Started(zygote, conn, int(_readline(conn)), err_r)
 
 
@@ -433,9 +455,10 @@ def worker() -> None:
 
     argv = sys.argv[2:]
     mode, target, args = _split(argv)
+    numbers = [0, 1, 2, *_inherited()]
     conn = _send(os.environ["T2D_ZYGOTE_SOCKET"], {"mode": mode, "target": target, "args": args, "cwd": os.getcwd(),
-                                                   "env": dict(os.environ), "check": True, "unbuffered": True},
-                 [0, 1, 2])
+                                                   "env": dict(os.environ), "check": True, "unbuffered": True,
+                                                   "fd_numbers": numbers, "stand_in": os.getpid()}, numbers)
     reader = conn.makefile("rb")
     first = reader.readline().split()
     if first[0] == b"refused":
@@ -449,6 +472,19 @@ def worker() -> None:
         signal.signal(-status, signal.SIG_DFL)
         os.kill(os.getpid(), -status)
     sys.exit(status)
+
+
+def _inherited() -> list[int]:
+    """The descriptors above 2 this process was started with (a bentoml worker's listening socket, say)."""
+    listed = [int(name) for name in os.listdir("/proc/self/fd") if int(name) > 2]
+    found = []
+    for fd in listed:  # one of them was the listing's own, closed by now
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        found.append(fd)
+    return found
 
 
 if __name__ == "__main__":
