@@ -41,7 +41,7 @@ from pathlib import Path
 # of these differently from the zygote needs a process of its own.
 IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH", "PYTORCH_", "CUDA", "NVIDIA_", "LD_", "MALLOC_",
                    "PYTHONHASHSEED", "PYTHONHOME", "PYTHONDONTWRITEBYTECODE", "PYTHONWARNINGS", "PYTHONUTF8",
-                   "PYTHONIOENCODING", "PYTHONSAFEPATH", "ORT_", "CUBLAS_", "CUDNN_",
+                   "PYTHONIOENCODING", "PYTHONSAFEPATH", "ORT_", "CUBLAS_", "CUDNN_", "AIOHTTP_", "OTEL_",
                    # bentoml's configuration is loaded at import; BENTOML_HOME, BENTOML_DO_NOT_TRACK and its
                    # debug, quiet and verbosity switches are read at first use, which is never in the zygote, so
                    # each run's own store and settings hold.
@@ -53,7 +53,11 @@ SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)
 # process group starts, not at import.
 TORCHRUN_SETS = ("TORCHELASTIC_", "TORCH_NCCL_")
 PRELOAD = ("numpy", "torch", "torch.nn", "torch.optim", "torch.utils.data", "torch.onnx", "onnx", "onnxruntime",
-           "onnxscript", "PIL.Image", "yaml", "bentoml", "bentoml.models")
+           "onnxscript", "PIL.Image", "yaml", "bentoml", "bentoml.models",
+           # what `bentoml serve`'s arbiter and worker import beyond those (circus, uvicorn, aiohttp, opentelemetry):
+           # not prometheus_client, which reads the worker's PROMETHEUS_MULTIPROC_DIR when imported
+           "bentoml_cli.cli", "_bentoml_impl.server.serving", "_bentoml_impl.server.app",
+           "_bentoml_impl.worker.service", "opentelemetry.instrumentation.asgi")
 ENV = {"OMP_NUM_THREADS": "1"}  # as every run in the suite (conftest sets torch's threads to 1 too)
 
 
@@ -176,6 +180,8 @@ def serve(path: str) -> None:
     for name in PRELOAD:
         importlib.import_module(name)
     _warm_up()
+    if "prometheus_client" in sys.modules:  # its mode would be the zygote's, not each bentoml worker's
+        raise RuntimeError("the zygote imported prometheus_client: forked bentoml workers would not share metrics")
     base_path = sys.path[1:]  # the interpreter's own entries: `Zygote` starts us without PYTHONPATH
     start_env = dict(os.environ)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
