@@ -5,7 +5,8 @@
 The suite is CPU-bound on 2 cores, so its wall time is about its CPU seconds over the cores, and the modules that
 cost most are the ones to make cheaper. Each test's CPU is this process's, plus its waited-for children's
 (bentoml serve once stopped, torchrun, chromium's driver), plus the runs forked from tests/zygote.py, which
-report their own (not those a stand-in asked for: torchrun's workers and a benchmark's children). A module's shared fixtures count in the test that first asks for them. At the end each
+report their own, and those a stand-in asked for (torchrun's workers, bentoml's, a benchmark's children), which the
+zygote adds up in a file. A module's shared fixtures count in the test that first asks for them. At the end each
 process prints its modules, most CPU first, and the wall-clock span it ran them in; its 15 costliest tests; its ten
 costliest forked runs; and every run that could not be forked (and so paid a fresh interpreter's imports), with the
 reason.
