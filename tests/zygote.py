@@ -337,8 +337,8 @@ class Started:
     """A run forked from the zygote that goes on while the caller watches it: the part of subprocess.Popen the
     suite uses (pid, poll, wait, send_signal, and stderr as text where it was piped)."""
 
-    def __init__(self, zygote: "Zygote", conn: socket.socket, pid: int, stderr_r: int | None):
-        self.pid, self.returncode, self._zygote, self._conn = pid, None, zygote, conn
+    def __init__(self, zygote: "Zygote", conn: socket.socket, pid: int, stderr_r: int | None, label: str):
+        self.pid, self.returncode, self._zygote, self._conn, self._label = pid, None, zygote, conn, label
         self.stderr = None if stderr_r is None else open(stderr_r, errors="replace")
 
     def poll(self) -> int | None:
@@ -363,7 +363,7 @@ class Started:
         if not ended:
             raise RuntimeError(f"the test zygote died while running {self.pid}")
         self.returncode, self._zygote.own_cpu_s = int(ended[0]), self._zygote.own_cpu_s + float(ended[1])
-        self._zygote.runs.append((float(ended[1]), f"started {self.pid}"))
+        self._zygote.runs.append((float(ended[1]), self._label))
 
 
 def _send(path: str, request: dict, fds: list[int]) -> socket.socket:
@@ -403,7 +403,7 @@ def start(argv: list[str], cwd, env: dict, stdout=subprocess.DEVNULL, stderr=sub
         err = os.dup(out if stderr == subprocess.STDOUT else stderr.fileno())
     conn = zygote.send(*_split(argv), cwd, env, [os.open(os.devnull, os.O_RDONLY), out, err],
                        session=start_new_session, fork_children=fork_children)
-    return Started(zygote, conn, int(_readline(conn)), err_r)
+    return Started(zygote, conn, int(_readline(conn)), err_r, " ".join(map(str, argv))[:200])
 
 
 def _kill(pid: int) -> None:
@@ -450,7 +450,7 @@ def torchrun_workers(env: dict) -> list[str] | None:
     if zygote is None:
         return None
     env["T2D_ZYGOTE_SOCKET"] = zygote.path
-    return [sys.executable, __file__, "--worker"]
+    return [zygote.launcher]
 
 
 def run(argv: list[str], cwd, env: dict | None = None, timeout: float = 300,
