@@ -109,6 +109,7 @@ def test_booleans(argv, flag_value):
     (["--model.arch", "resnet"], "unknown model.arch 'resnet'"),
     (["--model.dropout", "1.5"], "model.dropout must be in [0, 1)"),
     (["--optim.label_smoothing", "1"], "optim.label_smoothing must be in [0, 1)"),
+    (["--optim.ema", "1"], "optim.ema must be in [0, 1)"),
     (["--task", "mnist", "--model.arch", "cnn", "--model.activation", "tanh"], "model.activation must be one of"),
     (["--task", "mnist", "--stop.monitor", "mse"], "stop.monitor must be one of loss, accuracy"),
     (["--optim.lr"], "--optim.lr needs a value"),

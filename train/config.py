@@ -151,6 +151,10 @@ class OptimConfig:
     """lbfgs only: iterations per optimizer step, i.e. per batch (each evaluates the loss about 1.2 times)."""
     history_size: int = 20
     """lbfgs only: past updates kept for its curvature estimate (more: better steps, slower iterations)."""
+    ema: float = 0.0
+    """Keep an exponential moving average of the weights, updated after every step with this decay (0 = off;
+    0.999 averages over about the last 1000 steps): validation, best.pt and last.pt, the test and the export use the
+    average, and the checkpoint also keeps the trained weights, so --resume continues both."""
 
     def check(self):
         _choice("optim.name", self.name, OPTIMIZERS)
@@ -163,6 +167,8 @@ class OptimConfig:
             raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _at_least("optim.max_iter", self.max_iter, 1)
         _at_least("optim.history_size", self.history_size, 1)
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"optim.ema must be in [0, 1) (a decay per step; 0 = off), got {self.ema}")
         if self.name == "sgd" and self.nesterov and self.momentum == 0:
             raise ConfigError("optim.nesterov needs optim.momentum > 0 (torch's SGD refuses it); set one of them")
         if self.name == "lbfgs":

@@ -70,10 +70,11 @@ def train_step(net: nn.Module, xb: tuple[torch.Tensor, ...], yb: torch.Tensor, l
 def train_epoch(net: nn.Module, x: Features, y: torch.Tensor, batches: list[torch.Tensor], loss_f,
                 opt: torch.optim.Optimizer, scheduler, rt: Runtime, scaler, clip: float,
                 augment: Augment | None, progress: str | None, hard: HardExamples | None = None,
-                channels_last: bool = False) -> float:
+                channels_last: bool = False, average=None) -> float:
     """One pass over `batches` (index tensors into the standardized x, y); returns the mean loss over all
     ranks. `hard` (data.skip_easiest) gets every example's loss; `channels_last` lays out image batches
-    (4-D inputs) as the network's weights are."""
+    (4-D inputs) as the network's weights are; `average` (optim.ema, a train.average.WeightAverage) takes in
+    the weights after every step."""
     net.train()
     total = torch.zeros((), device=y.device, dtype=torch.float64)
     count = 0
@@ -85,6 +86,8 @@ def train_epoch(net: nn.Module, x: Features, y: torch.Tensor, batches: list[torc
             xb = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in xb)
         # Summed on the device: a .item() per step would stall the GPU on every batch.
         loss = train_step(net, xb, yb, loss_f, opt, rt, scaler, clip, per_sample=hard is not None)
+        if average is not None:
+            average.update()
         if hard is not None:
             hard.record(idx, loss)
             loss = loss.mean()

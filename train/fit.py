@@ -16,6 +16,7 @@ from models.checkpoint import CheckpointError, first_line, load_checkpoint, save
 from train.config import Config, ConfigError
 from t2d.splits import real_values
 from train.data import Augment, TaskData, batch_order
+from train.average import WeightAverage
 from train.engine import NonFiniteLossError, evaluate, loss_fn, train_epoch
 from train.optim import build_optimizer, build_scheduler, step_epoch
 from train.report import RunLog, warn
@@ -101,6 +102,12 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
         # Batch statistics over the global batch, as one process would see them (gloo on CPU has no
         # SyncBatchNorm). Same parameters and buffers, so checkpoints load into plain BatchNorm.
         predictor.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(predictor.net)
+    average = None
+    if cfg.optim.ema:  # from the loaded weights: a resumed run's checkpoint holds the average
+        average = WeightAverage(predictor, cfg.optim.ema, resume["resume"].get("average_steps", 0) if resume else 0)
+    trained = (resume or {}).get("resume", {}).get("training_weights")
+    if trained is not None:  # the weights training had reached, behind the average it saved
+        predictor.net.load_state_dict({k: v.to(rt.device) for k, v in trained.items()})
     net = predictor.net
     model = DistributedDataParallel(net, device_ids=[rt.device] if rt.device.type == "cuda" else None) \
         if rt.distributed else net
@@ -134,7 +141,7 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
     # Each sample's largest varying size, for data.group_by_length.
     sizes = torch.stack(list(data.train_x.lengths.values())).amax(0) if cfg.data.group_by_length else None
     loss_f = loss_fn(regression, cfg.optim.label_smoothing, predictor.target_index if len(task.outputs) > 1 else None)
-    best_state = copy_tensors(predictor.state_dict())
+    best_state = copy_tensors((average.model() if average else predictor).state_dict())
     best_metrics: dict = dict(resume.get("metrics", {})) if resume else {}
     kept_epoch = start if cfg.stop.keep == "last" else stopper.best_epoch
     if resume is not None and kept_epoch != start:
@@ -165,19 +172,22 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
             train_loss = train_epoch(model, x_train, y_train, batches[:steps], loss_f, opt, sched, rt, scaler,
                                      cfg.optim.clip_grad_norm, augment,
                                      f"epoch {epoch}" if cfg.log.progress and rt.is_main and steps >= 100 else None,
-                                     hard, channels_last)
+                                     hard, channels_last, average)
             if hard:
                 hard.end_epoch()
-            val = evaluate(predictor, data.val_x, data.val_y, regression, cfg.data.eval_batch_size, rt, num_classes)
+            scored = average.model() if average else predictor  # what validation, best.pt and the test see
+            val = evaluate(scored, data.val_x, data.val_y, regression, cfg.data.eval_batch_size, rt, num_classes)
             if not math.isfinite(val["loss"]):  # the epoch's last steps broke the weights: save nothing
                 raise NonFiniteLossError(f"validation loss became {val['loss']}")
             step_epoch(sched, val[cfg.stop.monitor])
             improved = stopper.update(val[cfg.stop.monitor], epoch)
             keep = improved or cfg.stop.keep == "last"
             if keep:  # a clone, not copy.deepcopy: 1 ms less per improvement of a product epoch (measured)
-                best_state, best_metrics, kept_epoch = copy_tensors(predictor.state_dict()), val, epoch
+                best_state, best_metrics, kept_epoch = copy_tensors(scored.state_dict()), val, epoch
             if rt.is_main:
-                saver.epoch(_payload(cfg, config, predictor, epoch, val, opt, sched, scaler, stopper, hard), keep)
+                behind = {"training_weights": predictor.net.state_dict(), "average_steps": average.steps} \
+                    if average else {}
+                saver.epoch(_payload(cfg, config, scored, epoch, val, opt, sched, scaler, stopper, hard, behind), keep)
             log.epoch(epoch, train_loss, val, lr, time.perf_counter() - t0, net, keep)
             stop = ("early_stopping" if cfg.stop.patience and stopper.bad_epochs >= cfg.stop.patience
                     else "target" if cfg.stop.target and val["loss"] <= cfg.stop.target else "")
@@ -235,6 +245,9 @@ def check_resume_state(cfg: Config, resume: dict) -> None:
     fit the model its config describes: `fit` loads the same state into the same model and optimizer."""
     predictor = build_predictor(cfg.task, cfg.arch, cfg.model_fields)
     problem = weights_problem(resume["state_dict"], predictor.state_dict())
+    trained = resume["resume"].get("training_weights")  # optim.ema: the trained weights behind the average
+    if not problem and trained is not None:
+        problem = weights_problem(trained, predictor.net.state_dict())
     if problem:
         raise CheckpointError(f"the checkpoint's config does not describe its weights: {problem}")
     opt = build_optimizer(predictor.net.parameters(), cfg.optim, torch.device("cpu"))
@@ -418,8 +431,9 @@ def on_cpu(obj):
 
 
 def _payload(cfg: Config, config: dict, predictor: Predictor, epoch: int, metrics: dict, opt, sched,
-             scaler, stopper: Stopper, hard: HardExamples | None) -> dict:
-    """A self-describing checkpoint: the model alone rebuilds from it; the rest resumes training."""
+             scaler, stopper: Stopper, hard: HardExamples | None, behind: dict | None = None) -> dict:
+    """A self-describing checkpoint: the model alone rebuilds from it; the rest resumes training. With optim.ema,
+    `predictor` is the average (the model), and `behind` holds the weights the optimizer steps, to resume."""
     task = cfg.task
     return {
         "task": task.name,
@@ -446,6 +460,7 @@ def _payload(cfg: Config, config: dict, predictor: Predictor, epoch: int, metric
             "scaler": scaler.state_dict() if scaler is not None else None,
             "stopper": stopper.state(),
             "hard_examples": hard.state() if hard is not None else None,
+            **(behind or {}),
         }),
     }
 
