@@ -259,6 +259,11 @@ BAD_STATE = {
                                             "doesn't match the size of optimizer's group"),
     "stopper without its fields": (lambda ckpt: ckpt["resume"].__setitem__("stopper", {"best": 1.0, "worst": 2.0}),
                                    "unexpected keyword argument 'worst'"),
+    # optim.ema: the trained weights behind the saved average are loaded into the network too.
+    "trained weights behind the average of another shape": (
+        lambda ckpt: ckpt["resume"].__setitem__("training_weights", {
+            k[4:]: v[..., :1] if v.dim() == 2 else v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}),
+        "the checkpoint's config does not describe its weights: layers.0.weight has shape [16, 1]"),
     "config that does not describe the weights": (
         lambda ckpt: ckpt["config"]["model"].update(hidden=[8, 8]),
         "the checkpoint's config does not describe its weights: net.layers.0.weight has shape [16, 2]"),
