@@ -41,6 +41,9 @@ CANDIDATES = {
     # (a step of 256 images cost ~0.8x two steps of 128 there, bench/train_step.py --batch).
     "e8": ["--run.epochs", "8"],
     "batch256-e10": ["--data.batch_size", "256", "--optim.lr", "0.012"],
+    # A moving average of the weights (optim.ema) as the model, over about the last 500 or 200 of the ~1,900 steps.
+    "e8-ema0.998": ["--run.epochs", "8", "--optim.ema", "0.998"],
+    "e8-ema0.995": ["--run.epochs", "8", "--optim.ema", "0.995"],
     # bf16 autocast: only on a CPU with native bf16 instructions (train refuses it elsewhere).
     "bf16": ["--config", "configs/fashion_mnist_cnn_bf16.yaml"],
     "bf16-e11": ["--config", "configs/fashion_mnist_cnn_bf16.yaml", "--run.epochs", "11"],

@@ -22,21 +22,16 @@ SGD = [*PRODUCT, "--optim.name", "sgd", "--optim.lr", "0.05", "--epochs", "1"]
 
 def test_the_average_is_the_warmed_up_moving_average_of_the_steps(tmp_path):
     """The averaged weights after three steps, from the weights of three runs without averaging that stop after
-    one, two and three steps, and the initial weights: a_n = d_n a_(n-1) + (1 - d_n) w_n, d_n = min(decay,
-    (1 + n) / (10 + n))."""
-    decay = 0.2  # below the warm-up's 2/11 for the first step only: both branches of the min are used
+    one, two and three steps: the bias-corrected moving average sum_n (1 - d) d^(3-n) w_n / (1 - d^3), in which the
+    initial weights have no part."""
+    decay = 0.5
     steps = [state(train([*SGD, "--run.max_batches", str(n)], tmp_path / f"w{n}") and tmp_path / f"w{n}" / "last.pt")
              for n in (1, 2, 3)]
     train([*SGD, "--optim.ema", str(decay)], tmp_path / "ema")
     ckpt = load_checkpoint(tmp_path / "ema" / "best.pt")
-    torch.manual_seed(0)  # the run's seed: training builds its first weights right after seeding
-    first = build_predictor(t2d.builtin_tasks()["product"], ckpt["arch"], ckpt["model_config"]).net.state_dict()
-    average = {k: v.double() for k, v in first.items()}
-    for n, w in enumerate(steps, 1):
-        d = min(decay, (1 + n) / (10 + n))
-        average = {k: d * a + (1 - d) * w["net." + k].double() for k, a in average.items()}
-    for k, a in average.items():
-        assert torch.allclose(ckpt["state_dict"]["net." + k].double(), a, atol=1e-6), k
+    for k in (k for k in steps[0] if k.startswith("net.")):
+        average = sum((1 - decay) * decay ** (3 - n) * w[k].double() for n, w in enumerate(steps, 1)) / (1 - decay ** 3)
+        assert torch.allclose(ckpt["state_dict"][k].double(), average, atol=1e-6), k
     # Training itself is unchanged: the trained weights behind the average are the plain run's.
     assert ckpt["resume"]["average_steps"] == 3
     assert_same_weights(ckpt["resume"]["training_weights"], {k[4:]: v for k, v in steps[2].items()
@@ -92,6 +87,12 @@ def test_weight_average_follows_the_live_network_in_place():
     with torch.no_grad():
         for p in predictor.net.parameters():
             p.add_(1.0)
-    average.update()  # d_1 = min(0.5, 2/11)
+    average.update()  # the first update is the weights themselves, as a bias-corrected average is
     for k, v in average.model().net.state_dict().items():
-        assert torch.allclose(v, before[k] + 9 / 11), k
+        assert torch.allclose(v, before[k] + 1), k
+    with torch.no_grad():
+        for p in predictor.net.parameters():
+            p.add_(1.0)
+    average.update()  # (0.5 * (w + 1) + (w + 2)) / 1.5
+    for k, v in average.model().net.state_dict().items():
+        assert torch.allclose(v, before[k] + 5 / 3), k

@@ -12,8 +12,10 @@ class WeightAverage:
     running statistics too) follow the trained ones as an exponential moving average, updated after every optimizer
     step. The training steps never see it; evaluation and checkpoints use it instead of the trained weights.
 
-    The decay ramps up as (1 + n) / (10 + n) after n updates, capped at `decay` (timm's ModelEmaV2 warm-up): the
-    average forgets its random initialization within the first steps instead of over ~1 / (1 - decay) of them.
+    The average is bias-corrected as Adam's moments are: after n updates it is sum_k (1 - d) d^(n-k) w_k / (1 - d^n),
+    the steps' weights alone. Started from the initial weights instead, it would keep d^n of them (2% after 2,000
+    steps at d = 0.998); and TensorFlow's warm-up, a decay of min(d, (1 + n) / (10 + n)), would make every d above
+    0.99 the same average in runs of a few thousand steps.
     """
 
     def __init__(self, predictor: Predictor, decay: float, steps: int = 0):
@@ -32,8 +34,8 @@ class WeightAverage:
     def update(self) -> None:
         """Fold the trained weights after one optimizer step into the average."""
         self.steps += 1
-        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_(self._kept, self._live, 1.0 - decay)
+        # a_n = a_(n-1) + (w_n - a_(n-1)) (1 - d) / (1 - d^n): the recursion of the bias-corrected average
+        torch._foreach_lerp_(self._kept, self._live, (1.0 - self.decay) / (1.0 - self.decay ** self.steps))
 
     @torch.no_grad()
     def model(self) -> Predictor:
