@@ -147,7 +147,8 @@ TASK = Task(
     # Chosen on the validation split (bench/language_id.py; BENCHMARKS.md has the runs, and the variants tried).
     defaults={"run": {"epochs": 9}, "data": {"size": 20000, "batch_size": 256, "eval_batch_size": 1024,
                                               "group_by_length": True},
-              "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.05}, "sched": {"name": "onecycle"},
+              "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.05, "ema": 0.999},
+              "sched": {"name": "onecycle"},
               "stop": {"monitor": "accuracy", "keep": "last"}},
     description="the language of a word (seven of Debian's word lists)",
 )
