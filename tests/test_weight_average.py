@@ -20,7 +20,7 @@ CPU = Runtime(torch.device("cpu"), "fp32")
 SGD = [*PRODUCT, "--optim.name", "sgd", "--optim.lr", "0.05", "--epochs", "1"]
 
 
-def test_the_average_is_the_warmed_up_moving_average_of_the_steps(tmp_path):
+def test_the_average_is_the_bias_corrected_moving_average_of_the_steps(tmp_path):
     """The averaged weights after three steps, from the weights of three runs without averaging that stop after
     one, two and three steps: the bias-corrected moving average sum_n (1 - d) d^(3-n) w_n / (1 - d^3), in which the
     initial weights have no part."""

@@ -15,8 +15,8 @@ from models import Predictor, build_predictor
 from models.checkpoint import CheckpointError, first_line, load_checkpoint, save_checkpoint, serialize, weights_problem
 from train.config import Config, ConfigError
 from t2d.splits import real_values
-from train.data import Augment, TaskData, batch_order
 from train.average import WeightAverage
+from train.data import Augment, TaskData, batch_order
 from train.engine import NonFiniteLossError, evaluate, loss_fn, train_epoch
 from train.optim import build_optimizer, build_scheduler, step_epoch
 from train.report import RunLog, warn
