@@ -2,6 +2,7 @@
 
     python bench/language_id.py select             # validation only: the baseline's grid and our candidates
     python bench/language_id.py final --seeds 1 2 3 --transformer "--run.epochs 10"   # the test split, once each
+    python bench/language_id.py final --seeds 1 2 3 --members 3 --jobs 2   # ensembles of 3 runs, 2 runs at a time
 
 select: naive Bayes (scikit-learn's MultinomialNB on CountVectorizer character n-grams within word boundaries,
 n from 1 up to 1..5, smoothing alpha in a grid) fitted on the training split and scored on validation; and each
@@ -10,10 +11,13 @@ them) trained by `python -m train` with run.test false, so no model sees the tes
 final: the chosen baseline (--ngrams, --alpha) and the chosen Transformer (--transformer OVERRIDES) on the test
 split, the Transformer once per fresh seed; accuracy as mean +- std and each one's seconds (the baseline's fit,
 the Transformer's train_seconds), with the CPU they ran on.
+--members N: each Transformer is an ensemble (`models.ensemble`, what `python -m export --checkpoint A B ...`
+exports) of N runs with seeds S, S+100, ...; it scores the members and the ensemble, and its seconds are the
+members' sum. --jobs J trains J runs at a time with cores/J threads each (their seconds are then not one run's alone).
 """
-
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -54,15 +58,65 @@ def naive_bayes(splits, ngrams: int, alpha: float, on: str) -> tuple[float, floa
     return 100 * sum(int(p == t) for p, t in zip(predicted, truth)) / len(truth), seconds
 
 
-def transformer(overrides: str, seed: int, test: bool, size: int) -> dict:
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "train", "--task", "examples.language_id:TASK", "--out", out, "--seed", str(seed),
-               "--data.size", str(size), "--log.tensorboard", "false", "--log.plots", "false",
-               "--run.test", "true" if test else "false", *overrides.split()]
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"training failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
-        return json.loads((Path(out) / "summary.json").read_text())
+def train_runs(overrides: str, seeds: list[int], test: bool, a) -> list[tuple[dict, Path]]:
+    """`python -m train` once per seed, --jobs at a time; each run's summary.json and folder (under a.keep)."""
+    threads = ["--run.threads", str(max(1, (os.cpu_count() or 1) // a.jobs))] if a.jobs > 1 else []
+    procs = []
+    for seed in seeds:
+        out = Path(tempfile.mkdtemp(prefix=f"seed{seed}-", dir=a.keep))
+        cmd = [sys.executable, "-m", "train", "--task", "examples.language_id:TASK", "--out", str(out), "--seed",
+               str(seed), "--data.size", str(a.size), "--log.tensorboard", "false", "--log.plots", "false",
+               "--run.test", "true" if test else "false", *threads, *overrides.split()]
+        procs.append((cmd, out, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                                 text=True)))
+        while sum(p.poll() is None for *_, p in procs) >= a.jobs:
+            time.sleep(1)
+    runs = []
+    for cmd, out, proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode:
+            sys.exit(f"training failed: {' '.join(cmd)}\n{err[-2000:]}")
+        runs.append((json.loads((out / "summary.json").read_text()), out))
+    return runs
+
+
+def ensemble_accuracy(folders: list[Path], split: str, size: int) -> float:
+    """Accuracy (%) on `split` of the ensemble of the runs' best.pt: the module `python -m export` exports."""
+    import torch
+
+    from models.checkpoint import load_checkpoint, predictor_from_checkpoint
+    from models.ensemble import Ensemble
+    from train.config import build_config
+    from train.data import load_task_data
+    from train.engine import evaluate
+    from train.runtime import Runtime
+
+    members = [predictor_from_checkpoint(load_checkpoint(f / "best.pt", task=TASK), TASK) for f in folders]
+    cfg = build_config("examples.language_id:TASK", [{"data": {"size": size}, "run": {"test": split == "test"}}])
+    data = load_task_data(cfg, torch.device("cpu"))
+    x, y = (data.test_x, data.test_y) if split == "test" else (data.val_x, data.val_y)
+    rt = Runtime(torch.device("cpu"), "fp32")
+    return evaluate(Ensemble(members, True), x, y, False, 1024, rt, len(TASK.classes))["accuracy"]
+
+
+def transformers(overrides: str, seeds: list[int], test: bool, a) -> list[tuple[float, float, str]]:
+    """Per seed: (accuracy %, training seconds, what it was), of one run or of an ensemble of --members runs."""
+    split = "test" if test else "val"
+    member_seeds = [seed + 100 * k for seed in seeds for k in range(a.members)]
+    runs = train_runs(overrides, member_seeds, test, a)
+    found = []
+    for i, seed in enumerate(seeds):
+        group = runs[i * a.members:(i + 1) * a.members]
+        scores = [r[split]["accuracy"] for r, _ in group]
+        seconds = sum(r["train_seconds"] for r, _ in group)
+        if a.members == 1:
+            found.append((scores[0], seconds, f"seed {seed}"))
+            continue
+        accuracy = ensemble_accuracy([folder for _, folder in group], split, a.size)
+        found.append((accuracy, seconds, f"seed {seed}: ensemble of seeds "
+                      f"{', '.join(str(seed + 100 * k) for k in range(a.members))} (members "
+                      f"{', '.join(f'{v:.2f}%' for v in scores)})"))
+    return found
 
 
 def select(a) -> None:
@@ -73,9 +127,9 @@ def select(a) -> None:
             accuracy, seconds = naive_bayes(splits, n, alpha, "val")
             print(f"naive Bayes  ngrams 1-{n} alpha {alpha:<5}  val accuracy {accuracy:6.2f}%  {seconds:6.1f} s")
     for candidate in a.candidate or CANDIDATES:
-        s = transformer(candidate, a.seed, False, a.size)
-        print(f"transformer  {candidate or '(the example as it ships)':<45} val accuracy "
-              f"{s['val']['accuracy']:6.2f}%  {s['train_seconds']:6.1f} s  (seed {a.seed})")
+        for accuracy, seconds, what in transformers(candidate, [a.seed], False, a):
+            print(f"transformer  {candidate or '(the example as it ships)':<45} val accuracy "
+                  f"{accuracy:6.2f}%  {seconds:6.1f} s  ({what})")
 
 
 def final(a) -> None:
@@ -85,13 +139,13 @@ def final(a) -> None:
     print(f"naive Bayes  ngrams 1-{a.ngrams} alpha {a.alpha}: test accuracy {accuracy:.2f}% in {seconds:.1f} s "
           f"(deterministic: one run)", flush=True)
     acc, sec = [], []
-    for seed in a.seeds:  # each seed's line as it finishes: a seed trains for a quarter of an hour on 2 cores
-        r = transformer(a.transformer, seed, True, a.size)
-        acc.append(r["test"]["accuracy"])
-        sec.append(r["train_seconds"])
-        print(f"transformer  seed {seed}: test accuracy {acc[-1]:.2f}% in {sec[-1]:.1f} s", flush=True)
+    for accuracy, seconds, what in transformers(a.transformer, a.seeds, True, a):  # every seed's runs in one queue
+        acc.append(accuracy)
+        sec.append(seconds)
+        print(f"transformer  {what}: test accuracy {accuracy:.2f}% in {seconds:.1f} s", flush=True)
     sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
-    print(f"transformer  {a.transformer or '(as it ships)'}: test accuracy {statistics.fmean(acc):.2f} +- "
+    many = f", ensembles of {a.members}" if a.members > 1 else ""
+    print(f"transformer  {a.transformer or '(as it ships)'}{many}: test accuracy {statistics.fmean(acc):.2f} +- "
           f"{sd(acc):.2f}% in {statistics.fmean(sec):.1f} +- {sd(sec):.1f} s over seeds {a.seeds}")
 
 
@@ -105,8 +159,16 @@ def main() -> None:
     p.add_argument("--ngrams", type=int, default=5, help="final: the baseline's largest n (default: 5)")
     p.add_argument("--alpha", type=float, default=0.1, help="final: the baseline's smoothing (default: 0.1)")
     p.add_argument("--transformer", default="", help="final: the chosen train overrides (default: none)")
+    p.add_argument("--members", type=int, default=1, help="runs per Transformer, an ensemble when > 1 (default: 1)")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at a time (default: 1)")
+    p.add_argument("--keep", help="keep the runs' folders under this folder (default: a temporary one, removed)")
     a = p.parse_args()
-    (select if a.step == "select" else final)(a)
+    if a.members < 1 or a.jobs < 1:
+        p.error("--members and --jobs must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="language_id-") as tmp:
+        a.keep = a.keep or tmp
+        Path(a.keep).mkdir(parents=True, exist_ok=True)
+        (select if a.step == "select" else final)(a)
 
 
 if __name__ == "__main__":

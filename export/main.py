@@ -4,6 +4,7 @@
     python -m export --format onnx --checkpoint runs/fashion-mnist/best.pt --out exports/fmnist
     python -m export --task my_task:TASK --checkpoint runs/mine/best.pt   # a task of your own
     python -m export --quantize int8 --checkpoint runs/fmnist_cnn/best.pt  # + model.int8.onnx behind a gate
+    python -m export --checkpoint runs/a/best.pt runs/b/best.pt     # one model: the ensemble of two runs
 
 A checkpoint of a user's own task names the task's --task, but export imports a user's code only
 when the command line names it: without --task it stops and says which --task to pass.
@@ -19,7 +20,7 @@ import argparse
 import hashlib
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from export.quantize import failure_message as quantize_failure
 from export.quantize import summary as quantize_summary
 from export.store import register
 from models.checkpoint import CheckpointError, first_line, load_checkpoint, predictor_from_checkpoint
+from models.ensemble import Ensemble
 from t2d.files import write_json
 
 DEFAULT_CHECKPOINT = Path("runs/product/best.pt")  # best.pt of the default task's default run folder
@@ -51,6 +53,7 @@ PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "bentoml", "numpy")
 @dataclass
 class ExportOptions:
     checkpoint: Path = DEFAULT_CHECKPOINT
+    members: tuple[Path, ...] = ()  # more runs of the same task: export their ensemble (models.ensemble) with it
     task: str | None = None  # a user's task, module:ATTRIBUTE; None: the checkpoint's built-in task
     out: Path | None = None  # None: <checkpoint's folder>/export
     formats: tuple[str, ...] = FORMATS
@@ -89,8 +92,9 @@ def parse_args(argv: list[str]) -> ExportOptions:
     p.add_argument("--format", default="all", choices=[*FORMATS, "all"], help="artifacts to write (default: all)")
     p.add_argument("--task", help="the checkpoint's task when it is not built in: module:ATTRIBUTE, as passed to "
                                   "`python -m train` (default: the checkpoint's built-in task)")
-    p.add_argument("--checkpoint", type=_path, default=DEFAULT_CHECKPOINT,
-                   help=f"checkpoint to export (default: {DEFAULT_CHECKPOINT})")
+    p.add_argument("--checkpoint", type=_path, nargs="+", default=[DEFAULT_CHECKPOINT],
+                   help="checkpoint to export; several runs of one task: their ensemble, one model that averages "
+                        f"their answers (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--out", type=_path, help="output folder (default: export/ beside the checkpoint)")
     p.add_argument("--atol", type=float, default=1e-5, help="parity: absolute tolerance (default: 1e-5)")
     p.add_argument("--rtol", type=float, default=1e-5, help="parity: relative tolerance (default: 1e-5)")
@@ -157,7 +161,7 @@ def parse_args(argv: list[str]) -> ExportOptions:
             raise ValueError("--quantize works on the ONNX model: use --format onnx or all")
         quant = QuantizeOptions(a.quantize, a.int8_method, a.calibration_samples, a.max_accuracy_drop,
                                 a.max_error_increase, a.int8_format, keep_float, not a.no_int8_fallback)
-    return ExportOptions(checkpoint=a.checkpoint, task=a.task, out=a.out, formats=FORMATS if a.format == "all" else (a.format,),
+    return ExportOptions(checkpoint=a.checkpoint[0], members=tuple(a.checkpoint[1:]), task=a.task, out=a.out, formats=FORMATS if a.format == "all" else (a.format,),
                          atol=a.atol, rtol=a.rtol, batch_sizes=sizes,
                          data_dir=None if a.data_dir is None else str(a.data_dir),
                          register=not a.no_register, quantize=quant)
@@ -171,6 +175,8 @@ def write_artifacts(opts: ExportOptions) -> Exported:
     ckpt = load_checkpoint(opts.checkpoint)  # refuses foreign, mismatched and non-finite weights, as --resume does
     task = task_of(ckpt, opts)
     module = predictor_from_checkpoint(ckpt, task)
+    if opts.members:
+        module = Ensemble([module, *member_predictors(opts, task)], task.kind == "classification")
     contract = contract_of(task, module)
     out = opts.out or opts.checkpoint.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
@@ -178,11 +184,29 @@ def write_artifacts(opts: ExportOptions) -> Exported:
     if "onnx" in opts.formats:
         files["onnx"] = out / ONNX_FILE
         write_onnx(module, task, contract, files["onnx"], onnx_metadata(contract, {
-            "task": ckpt["task"], "checkpoint_sha256": sha256(opts.checkpoint)}))
+            "task": ckpt["task"], "checkpoint_sha256": ",".join(sha256(c) for c in checkpoints(opts))}))
     if "torchscript" in opts.formats:
         files["torchscript"] = out / TORCHSCRIPT_FILE
         write_torchscript(module, task, files["torchscript"])
     return Exported(task, ckpt, module, contract, files, out)
+
+
+def checkpoints(opts: ExportOptions) -> tuple[Path, ...]:
+    return (opts.checkpoint, *opts.members)
+
+
+def member_predictors(opts: ExportOptions, task: t2d.Task) -> list[torch.nn.Module]:
+    """The other runs of an ensemble, each checked to be a run of `task`, and none a second copy of another."""
+    seen = {sha256(opts.checkpoint): opts.checkpoint}
+    found = []
+    for path in opts.members:
+        digest = sha256(path) if path.is_file() else None
+        if digest in seen:
+            raise ValueError(f"--checkpoint names the same weights twice ({seen[digest]} and {path}): an ensemble's "
+                             "members are different runs")
+        seen[digest] = path
+        found.append(predictor_from_checkpoint(load_checkpoint(path, task=task), task))
+    return found
 
 
 def task_of(ckpt: dict[str, Any], opts: ExportOptions) -> t2d.Task:
@@ -221,6 +245,8 @@ def verify(exp: Exported, opts: ExportOptions) -> dict[str, Any]:
     if large is not None:
         report["large_batch"] = large
     report["checkpoint"] = str(opts.checkpoint)
+    if opts.members:
+        report["members"] = [str(c) for c in checkpoints(opts)]
     write_json(exp.out / PARITY_FILE, report)
     if not report["passed"]:
         raise ParityError(parity.failure_message(report))
@@ -229,7 +255,7 @@ def verify(exp: Exported, opts: ExportOptions) -> dict[str, Any]:
 
 def register_float(exp: Exported, report: dict[str, Any], opts: ExportOptions) -> str:
     files = {**exp.files, "parity": exp.out / PARITY_FILE}
-    run = run_record(exp.ckpt, opts.checkpoint)
+    run = run_record(exp.ckpt, opts)
     plots = [opts.checkpoint.parent / name for name in run.get("plots", [])]
     return register(exp.task.name, files, exp.contract, store_metadata(exp, report, opts, run), plots)
 
@@ -245,7 +271,7 @@ def quantize_and_register(exp: Exported, opts: ExportOptions) -> tuple[dict[str,
     if not opts.register:
         return report, quant, []
     tags = [register_float(exp, report, opts)]
-    run = run_record(exp.ckpt, opts.checkpoint)
+    run = run_record(exp.ckpt, opts)
     plots = [opts.checkpoint.parent / name for name in run.get("plots", [])]
     contract = {**exp.contract, "variant": q.variant}
     meta = {**store_metadata(exp, report, opts, run), "contract": contract, "variant": q.variant,
@@ -256,10 +282,29 @@ def quantize_and_register(exp: Exported, opts: ExportOptions) -> tuple[dict[str,
     return report, quant, tags
 
 
-def run_record(ckpt: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
-    """What the training run wrote beside `checkpoint` about it, for the model card (`serve.ui`): its
+def run_record(ckpt: dict[str, Any], opts: ExportOptions) -> dict[str, Any]:
+    """What the training run wrote beside the checkpoint about it, for the model card (`serve.ui`): its
     train_seconds and test metrics (summary.json) and which plots exist. Only when that summary is this
-    checkpoint's run (same task and best epoch): a best.pt copied elsewhere or a later run's summary gets none."""
+    checkpoint's run (same task and best epoch): a best.pt copied elsewhere or a later run's summary gets none.
+    An ensemble: the members' runs, each as `members` of the store's metadata lists them, and their seconds
+    summed; no test metrics or plots, which are one member's and not the ensemble's."""
+    if opts.members:
+        runs = [member_record(c) for c in checkpoints(opts)]
+        seconds = [r.get("train_seconds") for r in runs]
+        total = sum(seconds) if all(isinstance(t, (int, float)) for t in seconds) else None
+        return {"train_seconds": total, "members": runs}
+    return _run_summary(ckpt, opts.checkpoint)
+
+
+def member_record(checkpoint: Path) -> dict[str, Any]:
+    ckpt = load_checkpoint(checkpoint)
+    run = _run_summary(ckpt, checkpoint)
+    return {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256(checkpoint), "arch": ckpt["arch"],
+            "epoch": ckpt["epoch"], "validation_metrics": ckpt.get("metrics") or {},
+            "train_seconds": run.get("train_seconds"), "test_metrics": run.get("test_metrics")}
+
+
+def _run_summary(ckpt: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
     try:
         summary = json.loads((checkpoint.parent / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
@@ -275,6 +320,12 @@ def run_record(ckpt: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
 def store_metadata(exp: Exported, report: dict[str, Any], opts: ExportOptions,
                    run: dict[str, Any] | None = None) -> dict[str, Any]:
     ckpt, run = exp.ckpt, run or {}
+    if opts.members:  # one model of several runs: the runs' own facts are each member's, not the model's
+        archs = [m["arch"] for m in run["members"]]
+        ensemble = {"arch": f"ensemble of {len(archs)}: {', '.join(archs)}", "epoch": None,
+                    "training_metrics": {}, "checkpoint_sha256": None, "members": run["members"]}
+    else:
+        ensemble = {}
     return {
         "task": exp.task.name,
         "task_ref": ckpt.get("task_ref"),
@@ -296,7 +347,7 @@ def store_metadata(exp: Exported, report: dict[str, Any], opts: ExportOptions,
         "checkpoint": str(opts.checkpoint),
         "checkpoint_sha256": sha256(opts.checkpoint),
         "versions": package_versions(),
-    }
+    } | ensemble
 
 
 def sha256(path: Path) -> str:
@@ -349,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing registered", file=sys.stderr)
         return 130
+    if opts.members:
+        print(f"ensemble    {len(checkpoints(opts))} runs, their answers averaged: "
+              f"{', '.join(map(str, checkpoints(opts)))}")
     for line in summary_lines(exp, report):
         print(line)
     print(f"parity      {exp.out / PARITY_FILE}  ({report['inputs']})")

@@ -355,3 +355,86 @@ def test_channels_last_and_compile_change_neither_the_checkpoint_nor_the_export(
                      "--no-register", "--format", "onnx"]) == 0
         assert json.loads((tmp_path / name / "export" / "parity.json").read_text())["passed"]
         assert export_format(tmp_path / name / "export") == export_format(tmp_path / name / "default")
+
+
+# --- ensembles: several runs exported as one model -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def second(runs):
+    """Second runs of the product MLP and the image MLP, with other seeds than the `runs` fixture's."""
+    image_args = ["--task", "fashion-mnist", "--data-dir", str(runs / "idx"), "--data.download", "false",
+                  "--data.val_size", "50", "--epochs", "1", "--model.arch", "mlp"]
+    train([*PRODUCT, "--epochs", "3", "--seed", "1"], runs / "product-1")
+    train([*image_args, "--seed", "1"], runs / "mlp-1")
+    return runs
+
+
+def eager_outputs(paths, task: str, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [predictor_from_checkpoint(load_checkpoint(p), TASKS[task])(x) for p in paths]
+
+
+def onnx_output(out, x: torch.Tensor) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def test_an_ensemble_of_regressions_answers_the_members_mean(second, tmp_path, capsys):
+    paths = [second / "product" / "best.pt", second / "product-1" / "best.pt"]
+    out = tmp_path / "export"
+    assert main(["--checkpoint", *map(str, paths), "--out", str(out), "--no-register", "--batch-sizes", "1,7"]) == 0
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] and report["members"] == list(map(str, paths))
+    assert f"ensemble    2 runs, their answers averaged: {paths[0]}, {paths[1]}" in capsys.readouterr().out
+    x = torch.tensor([[1.5, 2.0], [3.0, 4.0], [-2.0, 0.5]])
+    a, b = eager_outputs(paths, "product", x)
+    assert (a - b).abs().max() > 1e-3  # different runs: an average that ignored one member would show
+    np.testing.assert_allclose(onnx_output(out, x), ((a + b) / 2).numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_an_ensemble_of_classifiers_averages_the_probabilities(second, tmp_path):
+    paths = [second / "mlp" / "best.pt", second / "mlp-1" / "best.pt"]
+    out = tmp_path / "export"
+    assert main(["--format", "onnx", "--checkpoint", *map(str, paths), "--out", str(out), "--no-register",
+                 "--batch-sizes", "1,7"]) == 0
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    a, b = eager_outputs(paths, "fashion-mnist", x)
+    logits = torch.from_numpy(onnx_output(out, x))
+    mean = (a.softmax(1) + b.softmax(1)) / 2
+    torch.testing.assert_close(logits.softmax(1), mean, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits.exp().sum(1), torch.ones(16), atol=1e-5, rtol=1e-5)  # log-probabilities
+    assert not torch.allclose(mean, ((a + b) / 2).softmax(1), atol=1e-4)  # not the same as averaging logits
+
+
+def test_an_ensemble_needs_different_runs_of_one_task(second, tmp_path, capsys):
+    product, mlp = str(second / "product" / "best.pt"), str(second / "mlp" / "best.pt")
+    for args, message in (([product, product], f"--checkpoint names the same weights twice ({product} and {product})"),
+                          ([product, mlp], f"checkpoint {mlp} was trained on task 'fashion-mnist', not 'product'"),
+                          ([product, str(tmp_path / "nope.pt")], f"checkpoint {tmp_path}/nope.pt does not exist")):
+        assert main(["--checkpoint", *args, "--out", str(tmp_path / "out"), "--no-register"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+@pytest.mark.slow
+def test_an_ensemble_registers_its_members(second, tmp_path):
+    paths = [second / "product" / "best.pt", second / "product-1" / "best.pt"]
+    home = tmp_path / "bentoml"
+    done = export_cli(["--checkpoint", *map(str, paths), "--out", str(tmp_path / "export"), "--format", "onnx",
+                       "--batch-sizes", "1,7"], home)
+    assert done.returncode == 0, done.stderr
+    (entry,) = store_entries(home)
+    meta = entry["metadata"]
+    summaries = [json.loads((p.parent / "summary.json").read_text()) for p in paths]
+    assert meta["arch"] == "ensemble of 2: product_mlp, product_mlp" and meta["training_metrics"] == {}
+    assert not {"epoch", "checkpoint_sha256", "test_metrics"} & set(meta)  # one member's, not the model's (None)
+    assert meta["train_seconds"] == pytest.approx(sum(s["train_seconds"] for s in summaries))
+    import hashlib
+
+    for m, path, summary in zip(meta["members"], paths, summaries):
+        assert m["checkpoint"] == str(path) and m["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert m["epoch"] == load_checkpoint(path)["epoch"] and m["test_metrics"] == pytest.approx(summary["test"])
+    assert meta["parameters"] == 2 * sum(p.numel() for p in predictor("product", "product_mlp").parameters())
