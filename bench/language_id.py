@@ -102,20 +102,25 @@ def ensemble_accuracy(folders: list[Path], split: str, size: int) -> float:
 def transformers(overrides: str, seeds: list[int], test: bool, a) -> list[tuple[float, float, str]]:
     """Per seed: (accuracy %, training seconds, what it was), of one run or of an ensemble of --members runs."""
     split = "test" if test else "val"
-    member_seeds = [seed + 100 * k for seed in seeds for k in range(a.members)]
-    runs = train_runs(overrides, member_seeds, test, a)
+    # Every seed's first member, then every seed's second, ...: their folders stay under --keep, so a bench cut
+    # short still holds whole smaller ensembles of every seed.
+    member_seeds = [seed + 100 * k for k in range(a.members) for seed in seeds]
+    runs = dict(zip(member_seeds, train_runs(overrides, member_seeds, test, a)))
     found = []
-    for i, seed in enumerate(seeds):
-        group = runs[i * a.members:(i + 1) * a.members]
+    for seed in seeds:
+        group = [runs[seed + 100 * k] for k in range(a.members)]
         scores = [r[split]["accuracy"] for r, _ in group]
         seconds = sum(r["train_seconds"] for r, _ in group)
         if a.members == 1:
             found.append((scores[0], seconds, f"seed {seed}"))
             continue
-        accuracy = ensemble_accuracy([folder for _, folder in group], split, a.size)
+        folders = [folder for _, folder in group]
+        accuracy = ensemble_accuracy(folders, split, a.size)
+        smaller = "".join(f", the first {k}: {ensemble_accuracy(folders[:k], split, a.size):.2f}%"
+                          for k in range(2, a.members))  # what fewer members would have scored
         found.append((accuracy, seconds, f"seed {seed}: ensemble of seeds "
                       f"{', '.join(str(seed + 100 * k) for k in range(a.members))} (members "
-                      f"{', '.join(f'{v:.2f}%' for v in scores)})"))
+                      f"{', '.join(f'{v:.2f}%' for v in scores)}{smaller})"))
     return found
 
 
