@@ -161,9 +161,9 @@ def parse_args(argv: list[str]) -> ExportOptions:
             raise ValueError("--quantize works on the ONNX model: use --format onnx or all")
         quant = QuantizeOptions(a.quantize, a.int8_method, a.calibration_samples, a.max_accuracy_drop,
                                 a.max_error_increase, a.int8_format, keep_float, not a.no_int8_fallback)
-    return ExportOptions(checkpoint=a.checkpoint[0], members=tuple(a.checkpoint[1:]), task=a.task, out=a.out, formats=FORMATS if a.format == "all" else (a.format,),
-                         atol=a.atol, rtol=a.rtol, batch_sizes=sizes,
-                         data_dir=None if a.data_dir is None else str(a.data_dir),
+    return ExportOptions(checkpoint=a.checkpoint[0], members=tuple(a.checkpoint[1:]), task=a.task, out=a.out,
+                         formats=FORMATS if a.format == "all" else (a.format,), atol=a.atol, rtol=a.rtol,
+                         batch_sizes=sizes, data_dir=None if a.data_dir is None else str(a.data_dir),
                          register=not a.no_register, quantize=quant)
 
 
