@@ -65,14 +65,23 @@ class ExportOptions:
     quantize: QuantizeOptions | None = None  # also write and gate a quantized variant
 
 
+@dataclass(frozen=True)
+class Run:
+    """One training run's checkpoint, read and hashed once for everything export records about it."""
+    path: Path
+    ckpt: dict[str, Any]
+    sha256: str
+
+
 @dataclass
 class Exported:
     task: t2d.Task
-    ckpt: dict[str, Any]
+    ckpt: dict[str, Any]  # the first (or only) run's
     module: torch.nn.Module  # the eager raw-units module every artifact is checked against
     contract: dict[str, Any]
     files: dict[str, Path]  # format -> artifact
     out: Path
+    runs: tuple[Run, ...]  # the checkpoint, then an ensemble's other members
 
 
 class _Parser(argparse.ArgumentParser):
@@ -174,9 +183,9 @@ def write_artifacts(opts: ExportOptions) -> Exported:
                               "or pass --checkpoint PATH")
     ckpt = load_checkpoint(opts.checkpoint)  # refuses foreign, mismatched and non-finite weights, as --resume does
     task = task_of(ckpt, opts)
-    module = predictor_from_checkpoint(ckpt, task)
-    if opts.members:
-        module = Ensemble([module, *member_predictors(opts, task)], task.kind == "classification")
+    runs = (Run(opts.checkpoint, ckpt, sha256(opts.checkpoint)), *member_runs(opts, task))
+    modules = [predictor_from_checkpoint(run.ckpt, task) for run in runs]
+    module = Ensemble(modules, task.kind == "classification") if opts.members else modules[0]
     contract = contract_of(task, module)
     out = opts.out or opts.checkpoint.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
@@ -184,18 +193,14 @@ def write_artifacts(opts: ExportOptions) -> Exported:
     if "onnx" in opts.formats:
         files["onnx"] = out / ONNX_FILE
         write_onnx(module, task, contract, files["onnx"], onnx_metadata(contract, {
-            "task": ckpt["task"], "checkpoint_sha256": ",".join(sha256(c) for c in checkpoints(opts))}))
+            "task": ckpt["task"], "checkpoint_sha256": ",".join(run.sha256 for run in runs)}))
     if "torchscript" in opts.formats:
         files["torchscript"] = out / TORCHSCRIPT_FILE
         write_torchscript(module, task, files["torchscript"])
-    return Exported(task, ckpt, module, contract, files, out)
+    return Exported(task, ckpt, module, contract, files, out, runs)
 
 
-def checkpoints(opts: ExportOptions) -> tuple[Path, ...]:
-    return (opts.checkpoint, *opts.members)
-
-
-def member_predictors(opts: ExportOptions, task: t2d.Task) -> list[torch.nn.Module]:
+def member_runs(opts: ExportOptions, task: t2d.Task) -> list[Run]:
     """The other runs of an ensemble, each checked to be a run of `task`, and none a second copy of another."""
     seen = {sha256(opts.checkpoint): opts.checkpoint}
     found = []
@@ -205,7 +210,7 @@ def member_predictors(opts: ExportOptions, task: t2d.Task) -> list[torch.nn.Modu
             raise ValueError(f"--checkpoint names the same weights twice ({seen[digest]} and {path}): an ensemble's "
                              "members are different runs")
         seen[digest] = path
-        found.append(predictor_from_checkpoint(load_checkpoint(path, task=task), task))
+        found.append(Run(path, load_checkpoint(path, task=task), digest))
     return found
 
 
@@ -246,7 +251,7 @@ def verify(exp: Exported, opts: ExportOptions) -> dict[str, Any]:
         report["large_batch"] = large
     report["checkpoint"] = str(opts.checkpoint)
     if opts.members:
-        report["members"] = [str(c) for c in checkpoints(opts)]
+        report["members"] = [str(run.path) for run in exp.runs]
     write_json(exp.out / PARITY_FILE, report)
     if not report["passed"]:
         raise ParityError(parity.failure_message(report))
@@ -255,7 +260,7 @@ def verify(exp: Exported, opts: ExportOptions) -> dict[str, Any]:
 
 def register_float(exp: Exported, report: dict[str, Any], opts: ExportOptions) -> str:
     files = {**exp.files, "parity": exp.out / PARITY_FILE}
-    run = run_record(exp.ckpt, opts)
+    run = run_record(exp)
     plots = [opts.checkpoint.parent / name for name in run.get("plots", [])]
     return register(exp.task.name, files, exp.contract, store_metadata(exp, report, opts, run), plots)
 
@@ -271,7 +276,7 @@ def quantize_and_register(exp: Exported, opts: ExportOptions) -> tuple[dict[str,
     if not opts.register:
         return report, quant, []
     tags = [register_float(exp, report, opts)]
-    run = run_record(exp.ckpt, opts)
+    run = run_record(exp)
     plots = [opts.checkpoint.parent / name for name in run.get("plots", [])]
     contract = {**exp.contract, "variant": q.variant}
     meta = {**store_metadata(exp, report, opts, run), "contract": contract, "variant": q.variant,
@@ -282,25 +287,24 @@ def quantize_and_register(exp: Exported, opts: ExportOptions) -> tuple[dict[str,
     return report, quant, tags
 
 
-def run_record(ckpt: dict[str, Any], opts: ExportOptions) -> dict[str, Any]:
+def run_record(exp: Exported) -> dict[str, Any]:
     """What the training run wrote beside the checkpoint about it, for the model card (`serve.ui`): its
     train_seconds and test metrics (summary.json) and which plots exist. Only when that summary is this
     checkpoint's run (same task and best epoch): a best.pt copied elsewhere or a later run's summary gets none.
     An ensemble: the members' runs, each as `members` of the store's metadata lists them, and their seconds
     summed; no test metrics or plots, which are one member's and not the ensemble's."""
-    if opts.members:
-        runs = [member_record(c) for c in checkpoints(opts)]
+    if len(exp.runs) > 1:
+        runs = [member_record(run) for run in exp.runs]
         seconds = [r.get("train_seconds") for r in runs]
         total = sum(seconds) if all(isinstance(t, (int, float)) for t in seconds) else None
         return {"train_seconds": total, "members": runs}
-    return _run_summary(ckpt, opts.checkpoint)
+    return _run_summary(exp.ckpt, exp.runs[0].path)
 
 
-def member_record(checkpoint: Path) -> dict[str, Any]:
-    ckpt = load_checkpoint(checkpoint)
-    run = _run_summary(ckpt, checkpoint)
-    return {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256(checkpoint), "arch": ckpt["arch"],
-            "epoch": ckpt["epoch"], "validation_metrics": ckpt.get("metrics") or {},
+def member_record(member: Run) -> dict[str, Any]:
+    run = _run_summary(member.ckpt, member.path)
+    return {"checkpoint": str(member.path), "checkpoint_sha256": member.sha256, "arch": member.ckpt["arch"],
+            "epoch": member.ckpt["epoch"], "validation_metrics": member.ckpt.get("metrics") or {},
             "train_seconds": run.get("train_seconds"), "test_metrics": run.get("test_metrics")}
 
 
@@ -345,7 +349,7 @@ def store_metadata(exp: Exported, report: dict[str, Any], opts: ExportOptions,
                              for f, c in report["worst"].items()}},
         "formats": sorted(exp.files),
         "checkpoint": str(opts.checkpoint),
-        "checkpoint_sha256": sha256(opts.checkpoint),
+        "checkpoint_sha256": exp.runs[0].sha256,
         "versions": package_versions(),
     } | ensemble
 
@@ -400,9 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing registered", file=sys.stderr)
         return 130
-    if opts.members:
-        print(f"ensemble    {len(checkpoints(opts))} runs, their answers averaged: "
-              f"{', '.join(map(str, checkpoints(opts)))}")
+    if len(exp.runs) > 1:
+        print(f"ensemble    {len(exp.runs)} runs, their answers averaged: "
+              f"{', '.join(str(run.path) for run in exp.runs)}")
     for line in summary_lines(exp, report):
         print(line)
     print(f"parity      {exp.out / PARITY_FILE}  ({report['inputs']})")

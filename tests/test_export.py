@@ -430,7 +430,7 @@ def test_an_ensemble_s_store_entry_lists_its_members(second, tmp_path):
     opts = parse_args(["--checkpoint", *map(str, paths), "--out", str(tmp_path / "export"), "--format", "onnx",
                        "--batch-sizes", "1,7"])
     exp = write_artifacts(opts)
-    meta = store_metadata(exp, verify(exp, opts), opts, run_record(exp.ckpt, opts))
+    meta = store_metadata(exp, verify(exp, opts), opts, run_record(exp))
     summaries = [json.loads((p.parent / "summary.json").read_text()) for p in paths]
     assert meta["arch"] == "ensemble of 2: product_mlp, product_mlp" and meta["training_metrics"] == {}
     assert meta["epoch"] is None and meta["checkpoint_sha256"] is None and meta["test_metrics"] is None
