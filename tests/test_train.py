@@ -283,6 +283,39 @@ def test_optimizer_trains_and_resumes(tmp_path, name):
     assert_resume_matches(tmp_path / "straight", tmp_path / "resumed", s1, s2)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("spare", [False, True])
+def test_weight_decay_can_spare_norms_and_biases(name, spare):
+    """optim.decay_norms_and_biases false: one step with zero gradients (weight decay alone) shrinks the conv and
+    linear weights and leaves BatchNorm's scales and shifts and the biases as they were."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(),
+                              torch.nn.Linear(2 * 2 * 2, 3))
+    cfg, _ = parse_args([*PRODUCT, "--optim.name", name, "--optim.lr", "0.1", "--optim.weight_decay", "0.5",
+                         "--optim.decay_norms_and_biases", str(not spare).lower()])
+    opt = build_optimizer(net.parameters(), cfg.optim, torch.device("cpu"))
+    for p in net.parameters():  # none zero (BatchNorm's shifts start at 0, which decay leaves as it is)
+        p.data.uniform_(0.5, 1.0)
+        p.grad = torch.zeros_like(p)
+    before = {k: v.clone() for k, v in net.named_parameters()}
+    opt.step()
+    changed = {k for k, v in net.named_parameters() if not torch.equal(v, before[k])}
+    matrices = {"0.weight", "3.weight"}
+    assert changed == (matrices if spare else set(before))
+
+
+def test_sparing_norms_and_biases_resumes_bit_for_bit(tmp_path):
+    """Two parameter groups in the optimizer's state: --resume restores both."""
+    args = [*PRODUCT, "--optim.name", "adamw", "--optim.lr", "0.01", "--optim.weight_decay", "0.1",
+            "--optim.decay_norms_and_biases", "false"]
+    s1 = train([*args, "--epochs", "4"], tmp_path / "straight")
+    train([*args, "--epochs", "2"], tmp_path / "resumed")
+    groups = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["resume"]["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    s2 = train(["--resume", str(tmp_path / "resumed" / "last.pt"), "--epochs", "4"], tmp_path / "resumed")
+    assert_resume_matches(tmp_path / "straight", tmp_path / "resumed", s1, s2)
+
+
 # `lr` in metrics.jsonl is the rate each epoch starts with; the checkpoint's optimizer holds the next one.
 @pytest.mark.parametrize("name, extra, used_lrs, next_lr, saved", [
     ("step", ["--sched.step_size", "1", "--sched.gamma", "0.5"], [0.01, 0.005], 0.0025, {"last_epoch": 2}),

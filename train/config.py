@@ -138,6 +138,9 @@ class OptimConfig:
     lr: float = 1e-3
     """Learning rate (the peak rate for onecycle; lbfgs: the scale of its line search's first trial step)."""
     weight_decay: float = 0.0
+    decay_norms_and_biases: bool = True
+    """false: weight decay only on the weight matrices and kernels (parameters of two or more dimensions), none on
+    biases and normalization scales and shifts, which set no model's capacity (timm's and many recipes' choice)."""
     momentum: float = 0.9
     """sgd and rmsprop only; in [0, 1)."""
     nesterov: bool = False
