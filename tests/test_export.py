@@ -408,6 +408,25 @@ def test_an_ensemble_of_classifiers_averages_the_probabilities(second, tmp_path)
     assert not torch.allclose(mean, ((a + b) / 2).softmax(1), atol=1e-4)  # not the same as averaging logits
 
 
+def test_an_ensemble_quantizes_behind_the_gate(second, tmp_path):
+    """--quantize measures the ensemble's one graph: its fp16 variant passes the gate and still answers the members'
+    mean, nearer to it than to either member."""
+    import onnxruntime as ort
+
+    paths = [second / "product" / "best.pt", second / "product-1" / "best.pt"]
+    out = tmp_path / "export"
+    assert main(["--format", "onnx", "--checkpoint", *map(str, paths), "--out", str(out), "--no-register",
+                 "--batch-sizes", "1,7", "--quantize", "fp16"]) == 0
+    report = json.loads((out / "quantization.json").read_text())
+    assert report["passed"] and report["file"] == str(out / "model.fp16.onnx")
+    x = torch.tensor([[1.5, 2.0], [3.0, 4.0], [-2.0, 0.5], [0.5, -3.0]])
+    a, b = (t.numpy() for t in eager_outputs(paths, "product", x))
+    session = ort.InferenceSession(report["file"], providers=["CPUExecutionProvider"])
+    y = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    off = np.abs(y - (a + b) / 2)
+    assert np.all(off < np.abs(a - b) / 4), (y, a, b)
+
+
 def test_an_ensemble_needs_different_runs_of_one_task(second, tmp_path, capsys):
     product, mlp = str(second / "product" / "best.pt"), str(second / "mlp" / "best.pt")
     for args, message in (([product, product], f"--checkpoint names the same weights twice ({product} and {product})"),
