@@ -36,6 +36,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from t2d.cpu import describe  # noqa: E402
 
 
 def run_child(cmd: list[str], env: dict | None = None) -> tuple[str, float, float]:
@@ -112,7 +115,7 @@ def main() -> None:
     config = args.config or ("configs/product.yaml" if args.task == "product" else "configs/mnist_mlp.yaml")
     quality = "test MRE %" if args.task == "product" else "test accuracy %"
     print(f"task {args.task}, ours: {config} with --run.seed = {args.first_seed} + repeat index, "
-          f"{args.repeats} repeats, cpu count {os.cpu_count()}, {threads} threads on both sides (OMP_NUM_THREADS, and ours --run.threads); "
+          f"{args.repeats} repeats, CPU {describe()}, {os.cpu_count()} cores, {threads} threads on both sides (OMP_NUM_THREADS, and ours --run.threads); "
           f"quality = {quality}")
     rows = {"reference": [], "ours": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from export import parity  # noqa: E402
 from export.main import ExportOptions, verify_and_register, write_artifacts  # noqa: E402
+from t2d.cpu import describe  # noqa: E402
 
 
 def latencies(fn, x, seconds: float, min_calls: int = 20) -> list[float]:
@@ -83,7 +84,7 @@ def main() -> None:
     a = p.parse_args()
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {threads} threads, {os.cpu_count()} cores")
+    print(f"CPU: {describe()}; torch {torch.__version__}, onnxruntime {ort.__version__}, {threads} threads, {os.cpu_count()} cores")
     for label, path in (("product", a.product), ("classifier", a.classifier)):
         if path.exists():
             bench(label, path, a.seconds, threads)

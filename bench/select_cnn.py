@@ -21,6 +21,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from t2d.cpu import describe  # noqa: E402
+
 BASE = ["--config", "configs/fashion_mnist_cnn.yaml"]
 TUNE_SPLIT = ["--data.val_size", "5000"]  # every tuning run; a final run keeps its config's own split
 
@@ -89,7 +93,7 @@ def main() -> None:
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                    help="last: more python -m train arguments for every run (the suite's short mode: tiny data)")
     args = p.parse_args()
-    print(f"cpu: {os.cpu_count()} cores; base: {' '.join(BASE)}", flush=True)
+    print(f"CPU: {describe()}; {os.cpu_count()} cores; base: {' '.join(BASE)}", flush=True)
     if args.mode == "tune":
         seeds = args.seeds or [0, 1]
         for name in args.only or CANDIDATES:

@@ -29,6 +29,10 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from t2d.cpu import describe  # noqa: E402
+
 BATCH_ROWS = 256
 V2_INFER = "/v2/models/product/infer"
 
@@ -104,7 +108,7 @@ def main() -> None:
     a = p.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("error: wrk not found; install it (apt-get install wrk)")
-    print(f"cpu: {cpu_model()}, {os.cpu_count()} cores; {a.rounds} rounds of {a.seconds} s per run")
+    print(f"CPU: {describe()}, {os.cpu_count()} cores; {a.rounds} rounds of {a.seconds} s per run")
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         env = {**os.environ, "BENTOML_HOME": str(a.store or tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
@@ -146,18 +150,6 @@ def main() -> None:
                   f"/v2 infer[{BATCH_ROWS}] over /predict_batch: {batch:.2f}x")
         non2xx = {k: sum(r["non2xx"] for r in v) for k, v in results.items() if any(r["non2xx"] for r in v)}
         print(f"non-2xx answers: {non2xx or 'none'}")
-
-
-def cpu_model() -> str:
-    """The CPU's model name and whether it has AVX-512 (int8 and matmul speeds depend on it)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    name = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
-    flags = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
-    wide = sorted({f for f in (flags[1].split() if flags else []) if f.startswith(("avx512", "amx", "avx2"))})
-    return f"{name[1] if name else 'unknown'} ({' '.join(wide) or 'no AVX2'})"
 
 
 if __name__ == "__main__":
