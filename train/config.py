@@ -48,6 +48,11 @@ class RunConfig:
     with GradScaler)."""
     folds: int = 1
     """k-fold cross-validation when > 1: trains `folds` models on the training data and reports mean and std."""
+    max_seconds: float = 0.0
+    """A training-time budget in seconds (0 = none): a few steps are timed first, and run.epochs becomes the most
+    epochs, at most its own value, estimated to fit, timing included (train/budget.py). The schedule is planned for
+    that many epochs, so it anneals inside the budget; config.yaml records the number, and --epochs with it repeats
+    the run. An estimate: a host that slows down mid-run overshoots it, so leave a margin."""
     max_batches: int = 0
     """Stop each epoch after this many batches; 0 = the whole epoch (smoke tests and dry runs)."""
     test: bool = True
@@ -76,6 +81,12 @@ class RunConfig:
         _at_least("run.epochs", self.epochs, 1)
         _at_least("run.folds", self.folds, 1)
         _at_least("run.max_batches", self.max_batches, 0)
+        _at_least("run.max_seconds", self.max_seconds, 0.0)
+        if self.max_seconds and self.folds > 1:
+            raise ConfigError("run.max_seconds plans one model's epochs, not k folds'; set run.epochs for --folds")
+        if self.max_seconds and self.compile:
+            raise ConfigError("run.max_seconds times eager steps, and torch.compile's warm-up would not fit its plan; "
+                              "use one of them")
         _between("run.threads", self.threads, 0, MAX_THREADS)
         _between("run.seed", self.seed, 0, MAX_SEED)
         out = Path(self.out)  # the nearest existing part must be a folder, or mkdir fails after loading the data

@@ -69,7 +69,9 @@ def use_channels_last(setting: str, task, device: torch.device) -> bool:
     return images and (device.type == "cpu" if setting == "auto" else setting == "on")
 
 
-def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, resume: dict | None = None) -> FitResult:
+def prepare(cfg: Config, data: TaskData, rt: Runtime, resume: dict | None = None):
+    """The run's network with its initial (or resumed) weights and input statistics, on the device, and the
+    standardized training split: (predictor, x_train, y_train, channels_last)."""
     task = cfg.task
     regression = task.regression
     torch.manual_seed(cfg.run.seed)  # the same initial weights in every process and every repeat
@@ -98,6 +100,13 @@ def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, re
     with torch.no_grad():
         x_train = data.train_x.map(predictor.standardize)
         y_train = predictor.target_norm(data.train_y) if regression else data.train_y
+    return predictor, x_train, y_train, channels_last
+
+
+def fit(cfg: Config, data: TaskData, rt: Runtime, out_dir: Path, log: RunLog, resume: dict | None = None) -> FitResult:
+    task = cfg.task
+    regression = task.regression
+    predictor, x_train, y_train, channels_last = prepare(cfg, data, rt, resume)
     if rt.distributed and rt.device.type == "cuda":
         # Batch statistics over the global batch, as one process would see them (gloo on CPU has no
         # SyncBatchNorm). Same parameters and buffers, so checkpoints load into plain BatchNorm.

@@ -27,6 +27,7 @@ from models.checkpoint import CheckpointError, first_line, load_checkpoint, remo
 from t2d import DataError, builtin_tasks, is_builtin
 from t2d.cpu import cpu_info
 from t2d.splits import join
+from train.budget import plan_epochs
 from train.config import SECTIONS, Config, ConfigError, build_config, load_yaml, parse_overrides
 from train.data import TaskData, load_task_data
 from train.engine import NonFiniteLossError, evaluate, predict
@@ -107,6 +108,9 @@ def resume_task(given: str | None, resume: dict, path: str) -> str:
 def check_resume(cfg: Config, resume: dict) -> None:
     """Refuse settings that a resumed run cannot honour, rather than silently ignoring them."""
     validate_checkpoint(resume, cfg.task, "the checkpoint")  # a user's task is known only now
+    if cfg.run.max_seconds:
+        raise ConfigError(f"--resume continues the checkpoint's {resume['config'].get('run', {}).get('epochs')} "
+                          "planned epochs; run.max_seconds plans a new run: leave it out")
     if cfg.run.folds > 1:
         raise ConfigError(f"--resume continues one model, not {cfg.run.folds} folds; add --folds 1 to continue "
                           "this checkpoint alone")
@@ -148,6 +152,13 @@ def run(cfg: Config, resume: dict | None = None) -> dict:
         # the task's network on 2 training inputs: the shape its Output declares, before anything is written
         check_output_shape(cfg.task, cfg.arch, build_predictor(cfg.task, cfg.arch, cfg.model_fields).net,
                            tuple(t.cpu() for t in data.train_x.batch(slice(0, 2))))
+        plan = None
+        if cfg.run.max_seconds:  # before config.yaml, which then records the run as planned
+            plan = plan_epochs(cfg, data, rt)
+            print(plan.line(), flush=True)
+            # config.yaml and the checkpoints describe a run that repeats exactly (and resumes): its epochs, no budget;
+            # summary.json keeps the budget and the estimate.
+            cfg.run.epochs, cfg.run.max_seconds = plan.epochs, 0.0
         if rt.is_main:  # only once the data is there: a run that cannot start leaves no folder behind
             out.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(out)  # left by a run killed mid-save; nothing saves here yet
@@ -165,8 +176,8 @@ def run(cfg: Config, resume: dict | None = None) -> dict:
                 result, folds = fit(cfg, data, rt, out, log, resume), None
             finally:
                 log.close()
-        train_seconds = time.perf_counter() - t0
-        summary = _finish(cfg, data, rt, out, result, train_seconds, folds)
+        train_seconds = time.perf_counter() - t0 + (plan.probe_s if plan else 0.0)  # the budget includes the timing
+        summary = _finish(cfg, data, rt, out, result, train_seconds, folds, plan)
         # Leave together: a process that tore down its gloo connections while rank 0 was still writing
         # the run folder once aborted in a full test run ("terminate called without an active exception").
         barrier()
@@ -217,7 +228,7 @@ def _kfold(cfg: Config, data: TaskData, rt: Runtime, out: Path) -> tuple[FitResu
 
 
 def _finish(cfg: Config, data: TaskData, rt: Runtime, out: Path, result: FitResult, train_seconds: float,
-            folds: dict | None) -> dict:
+            folds: dict | None, plan=None) -> dict:
     regression = cfg.task.regression
     model = result.predictor
     n_cls = len(data.classes) if data.classes else 0
@@ -235,6 +246,10 @@ def _finish(cfg: Config, data: TaskData, rt: Runtime, out: Path, result: FitResu
     }
     if folds:
         summary["folds"] = folds
+    if plan:  # run.max_seconds: the budget, and the estimate that chose the epochs
+        summary["budget"] = {"max_seconds": plan.max_seconds, "epochs": plan.epochs,
+                             "step_seconds": round(plan.step_s, 6), "first_epoch_seconds": round(plan.first_epoch_s, 3),
+                             "later_epoch_seconds": round(plan.later_epoch_s, 3), "timing_seconds": round(plan.probe_s, 3)}
     if not rt.is_main:
         return summary
     write_json(out / "summary.json", summary)
