@@ -115,7 +115,8 @@ def main() -> None:
     config = args.config or ("configs/product.yaml" if args.task == "product" else "configs/mnist_mlp.yaml")
     quality = "test MRE %" if args.task == "product" else "test accuracy %"
     print(f"task {args.task}, ours: {config} with --run.seed = {args.first_seed} + repeat index, "
-          f"{args.repeats} repeats, CPU {describe()}, {os.cpu_count()} cores, {threads} threads on both sides (OMP_NUM_THREADS, and ours --run.threads); "
+          f"{args.repeats} repeats, CPU {describe()}, {os.cpu_count()} cores, {threads} threads on both sides "
+          f"(OMP_NUM_THREADS, and ours --run.threads); "
           f"quality = {quality}")
     rows = {"reference": [], "ours": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -84,7 +84,8 @@ def main() -> None:
     a = p.parse_args()
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    print(f"CPU: {describe()}; torch {torch.__version__}, onnxruntime {ort.__version__}, {threads} threads, {os.cpu_count()} cores")
+    print(f"CPU: {describe()}; torch {torch.__version__}, onnxruntime {ort.__version__}, {threads} threads, "
+          f"{os.cpu_count()} cores")
     for label, path in (("product", a.product), ("classifier", a.classifier)):
         if path.exists():
             bench(label, path, a.seconds, threads)

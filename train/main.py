@@ -248,8 +248,10 @@ def _finish(cfg: Config, data: TaskData, rt: Runtime, out: Path, result: FitResu
         summary["folds"] = folds
     if plan:  # run.max_seconds: the budget, and the estimate that chose the epochs
         summary["budget"] = {"max_seconds": plan.max_seconds, "epochs": plan.epochs,
-                             "step_seconds": round(plan.step_s, 6), "first_epoch_seconds": round(plan.first_epoch_s, 3),
-                             "later_epoch_seconds": round(plan.later_epoch_s, 3), "timing_seconds": round(plan.probe_s, 3)}
+                             "step_seconds": round(plan.step_s, 6),
+                             "first_epoch_seconds": round(plan.first_epoch_s, 3),
+                             "later_epoch_seconds": round(plan.later_epoch_s, 3),
+                             "timing_seconds": round(plan.probe_s, 3)}
     if not rt.is_main:
         return summary
     write_json(out / "summary.json", summary)
