@@ -22,8 +22,8 @@ from train.optim import build_optimizer
 from train.runtime import Runtime
 from train.select import HardExamples, steps_per_epoch
 
-WARMUP_STEPS = 3  # a network's first steps allocate memory and choose kernels: slower than the rest
-TIMED_STEPS = 10
+WARMUP_STEPS = 5  # a network's first steps allocate memory and choose kernels: slower than the rest
+TIMED_STEPS = 30
 
 
 @dataclass
