@@ -76,12 +76,16 @@ class Run:
 @dataclass
 class Exported:
     task: t2d.Task
-    ckpt: dict[str, Any]  # the first (or only) run's
     module: torch.nn.Module  # the eager raw-units module every artifact is checked against
     contract: dict[str, Any]
     files: dict[str, Path]  # format -> artifact
     out: Path
     runs: tuple[Run, ...]  # the checkpoint, then an ensemble's other members
+
+    @property
+    def ckpt(self) -> dict[str, Any]:
+        """The first (or only) run's checkpoint: its task, data folder and split stand for the model's."""
+        return self.runs[0].ckpt
 
 
 class _Parser(argparse.ArgumentParser):
@@ -183,7 +187,8 @@ def write_artifacts(opts: ExportOptions) -> Exported:
                               "or pass --checkpoint PATH")
     ckpt = load_checkpoint(opts.checkpoint)  # refuses foreign, mismatched and non-finite weights, as --resume does
     task = task_of(ckpt, opts)
-    runs = (Run(opts.checkpoint, ckpt, sha256(opts.checkpoint)), *member_runs(opts, task))
+    first = Run(opts.checkpoint, ckpt, sha256(opts.checkpoint))
+    runs = (first, *member_runs(first, opts.members, task))
     modules = [predictor_from_checkpoint(run.ckpt, task) for run in runs]
     module = Ensemble(modules, task.kind == "classification") if opts.members else modules[0]
     contract = contract_of(task, module)
@@ -197,14 +202,14 @@ def write_artifacts(opts: ExportOptions) -> Exported:
     if "torchscript" in opts.formats:
         files["torchscript"] = out / TORCHSCRIPT_FILE
         write_torchscript(module, task, files["torchscript"])
-    return Exported(task, ckpt, module, contract, files, out, runs)
+    return Exported(task, module, contract, files, out, runs)
 
 
-def member_runs(opts: ExportOptions, task: t2d.Task) -> list[Run]:
+def member_runs(first: Run, members: tuple[Path, ...], task: t2d.Task) -> list[Run]:
     """The other runs of an ensemble, each checked to be a run of `task`, and none a second copy of another."""
-    seen = {sha256(opts.checkpoint): opts.checkpoint}
+    seen = {first.sha256: first.path}
     found = []
-    for path in opts.members:
+    for path in members:
         digest = sha256(path) if path.is_file() else None
         if digest in seen:
             raise ValueError(f"--checkpoint names the same weights twice ({seen[digest]} and {path}): an ensemble's "

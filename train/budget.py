@@ -17,7 +17,7 @@ import torch
 from train.config import Config, ConfigError
 from train.data import TaskData, batch_order
 from train.engine import evaluate, loss_fn, train_epoch
-from train.fit import planned_steps, prepare
+from train.fit import prepare
 from train.optim import build_optimizer
 from train.runtime import Runtime
 from train.select import HardExamples, steps_per_epoch
@@ -73,9 +73,11 @@ def plan_epochs(cfg: Config, data: TaskData, rt: Runtime) -> Plan:
              len(data.classes) if data.classes else 0)
     val_s = time.perf_counter() - t
 
-    full, _ = planned_steps(cfg, len(x), rt.world_size)
-    kept = steps_per_epoch(HardExamples.kept(len(x), cfg.data.skip_easiest), cfg.data.batch_size, rt.world_size,
-                           cfg.run.max_batches) if cfg.data.skip_easiest else full
+    def epoch_steps(examples: int) -> int:
+        return steps_per_epoch(examples, cfg.data.batch_size, rt.world_size, cfg.run.max_batches)
+
+    full = epoch_steps(len(x))
+    kept = epoch_steps(HardExamples.kept(len(x), cfg.data.skip_easiest)) if cfg.data.skip_easiest else full
     first, later = full * step_s + val_s, kept * step_s + val_s
     probe_s = time.perf_counter() - start
     left = cfg.run.max_seconds - probe_s - first

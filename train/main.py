@@ -27,7 +27,7 @@ from models.checkpoint import CheckpointError, first_line, load_checkpoint, remo
 from t2d import DataError, builtin_tasks, is_builtin
 from t2d.cpu import cpu_info
 from t2d.splits import join
-from train.budget import plan_epochs
+from train.budget import Plan, plan_epochs
 from train.config import SECTIONS, Config, ConfigError, build_config, load_yaml, parse_overrides
 from train.data import TaskData, load_task_data
 from train.engine import NonFiniteLossError, evaluate, predict
@@ -228,7 +228,7 @@ def _kfold(cfg: Config, data: TaskData, rt: Runtime, out: Path) -> tuple[FitResu
 
 
 def _finish(cfg: Config, data: TaskData, rt: Runtime, out: Path, result: FitResult, train_seconds: float,
-            folds: dict | None, plan=None) -> dict:
+            folds: dict | None, plan: Plan | None = None) -> dict:
     regression = cfg.task.regression
     model = result.predictor
     n_cls = len(data.classes) if data.classes else 0
